@@ -7,4 +7,5 @@ venv="${SDFT_VENV:-$HOME/.venvs/sdft}"
 bash "$repo/scripts/setup.sh"
 cd "$repo"
 cargo test --release --no-default-features --quiet
+"$venv/bin/ruff" check python tests benches
 "$venv/bin/python" -m pytest -q "$@"

@@ -1,3 +1,40 @@
-"""sdft: Self-Distillation Fine-Tuning with a Rust top-K kernel."""
+"""sdft: Self-Distillation Fine-Tuning with a Rust top-K kernel.
+
+The data API (``from sdft import build_topk_targets, ...``) turns student rollouts and teacher
+top-K responses into Tinker training datums; see :mod:`sdft.data`.
+"""
+
+from sdft.data import (
+    DEFAULT_DEMO_TEMPLATE,
+    MAX_TOPK,
+    CompletionSlice,
+    build_importance_sampling_datums,
+    build_reverse_kl_datums,
+    build_student_prompt,
+    build_teacher_forced_sequence,
+    build_teacher_prompt,
+    build_topk_targets,
+    extract_completion_tokens,
+    messages_to_model_input,
+    strip_mask,
+    student_datum_from_rollout,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DEMO_TEMPLATE",
+    "MAX_TOPK",
+    "CompletionSlice",
+    "__version__",
+    "build_importance_sampling_datums",
+    "build_reverse_kl_datums",
+    "build_student_prompt",
+    "build_teacher_forced_sequence",
+    "build_teacher_prompt",
+    "build_topk_targets",
+    "extract_completion_tokens",
+    "messages_to_model_input",
+    "strip_mask",
+    "student_datum_from_rollout",
+]

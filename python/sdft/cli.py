@@ -1,0 +1,383 @@
+"""The ``sdft`` command: ``train``, ``validate``, ``eval`` and ``compare``.
+
+Errors print one clear message (no traceback) and exit with status 2; ``validate`` exits with
+status 1 when a check fails. ``SDFT_DEBUG=1`` (or ``--debug``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --- validate ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "ok", "FAIL", "warn" or "skip"
+    detail: str
+
+    def line(self) -> str:
+        return f"[{self.status:<4}] {self.name:<20} {self.detail}"
+
+
+def run_checks(config_path: Path, *, deep: bool) -> list[Check]:
+    """Every offline check of a config: schema, files, data rows, benchmarks, templates, backend,
+    output directory; with ``deep`` also the model, its tokenizer and the rendered prompts."""
+    from sdft.config import load_config
+
+    checks: list[Check] = []
+    try:
+        config = load_config(config_path)
+    except (ValueError, FileNotFoundError) as exc:
+        return [Check("config", "FAIL", str(exc))]
+    checks.append(Check("config", "ok", f"{config_path} (schema valid)"))
+
+    examples = []
+    try:
+        from sdft.datasets import load_examples
+
+        data = config.data
+        examples = load_examples(
+            data.path, source_kind=data.source_kind, fields=data.fields, split=data.split
+        )
+        checks.append(
+            Check("data", "ok", f"{len(examples)} examples ({data.source_kind}) from {data.path}")
+        )
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
+        checks.append(Check("data", "FAIL", str(exc)))
+
+    params = config.params
+    if examples:
+        first = examples[0]
+        try:
+            params.user_template.format(question=first.question)
+            if config.algorithm.kind == "sdft":
+                params.demo_template.format(
+                    question=first.question, golden_answer=first.golden_answer
+                )
+            checks.append(Check("templates", "ok", f"render with example {first.id!r}"))
+        except (KeyError, IndexError, ValueError) as exc:
+            checks.append(
+                Check("templates", "FAIL", f"cannot render with example {first.id!r}: {exc}")
+            )
+
+    from sdft.evals import load_benchmark
+
+    for entry in config.metadata.benchmark:
+        try:
+            benchmark = load_benchmark(entry.path, name=entry.name)
+            when = f"every {entry.run_every} steps" if entry.run_every else "after training"
+            metrics = ", ".join(entry.metrics)
+            checks.append(
+                Check(
+                    f"benchmark {entry.name}",
+                    "ok",
+                    f"{len(benchmark)} tasks, {metrics}, {when} ({entry.path})",
+                )
+            )
+        except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
+            checks.append(Check(f"benchmark {entry.name}", "FAIL", str(exc)))
+    if not config.metadata.benchmark:
+        checks.append(Check("benchmarks", "warn", "none configured (metadata.benchmark)"))
+
+    checks.append(_backend_check(config))
+    checks.append(_output_check(config))
+
+    if deep:
+        checks.extend(_deep_checks(config, examples))
+    else:
+        checks.append(Check("model", "skip", "pass --deep to resolve the model and render prompts"))
+    return checks
+
+
+def _backend_check(config) -> Check:
+    from sdft.backends.remote import API_KEY_ENV, resolve_base_url
+
+    if config.backend.kind == "tinker":
+        if not os.environ.get(API_KEY_ENV, "").strip():
+            return Check("backend", "FAIL", f"tinker: {API_KEY_ENV} is not set")
+        return Check(
+            "backend",
+            "ok",
+            f"tinker at {resolve_base_url(config.backend.base_url)}; {API_KEY_ENV} is set "
+            "(value not shown)",
+        )
+    device = config.backend.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return Check(
+                "backend", "FAIL", f"local: device {device} requested but CUDA is not available"
+            )
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            return Check("backend", "FAIL", "local: device mps requested but MPS is not available")
+    return Check(
+        "backend",
+        "ok",
+        f"local, device {device}, dtype {config.backend.dtype}, checkpoints in "
+        f"{config.checkpoint_root}",
+    )
+
+
+def _output_check(config) -> Check:
+    from sdft.checkpoints import last_checkpoint
+    from sdft.runlog import existing_outputs
+
+    output_dir = config.output_dir
+    present = existing_outputs(output_dir)
+    if not present:
+        parent = output_dir
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            return Check(
+                "output_dir", "FAIL", f"{output_dir} cannot be created ({parent} is read-only)"
+            )
+        return Check("output_dir", "ok", f"{output_dir} (new run)")
+    try:
+        record = last_checkpoint(output_dir)
+    except ValueError as exc:
+        return Check("output_dir", "FAIL", str(exc))
+    where = f"last checkpoint at step {record.step}" if record else "no checkpoint yet"
+    return Check(
+        "output_dir",
+        "warn",
+        f"{output_dir} already holds a run ({where}): `sdft train --resume` continues it, "
+        "`--overwrite` starts over",
+    )
+
+
+def _deep_checks(config, examples) -> list[Check]:
+    from sdft import data as sdft_data
+    from sdft.models import ModelNotFoundError, load_tokenizer, resolve_model
+
+    checks: list[Check] = []
+    name = config.model.name
+    try:
+        resolved = resolve_model(name)
+    except ModelNotFoundError as exc:
+        if config.backend.kind == "tinker":
+            return [
+                Check(
+                    "model",
+                    "warn",
+                    f"{name} is not available offline; Tinker serves it, and the SDK fetches its "
+                    "tokenizer from the Hugging Face hub at run time",
+                )
+            ]
+        return [Check("model", "FAIL", str(exc))]
+    except (ValueError, OSError) as exc:
+        return [Check("model", "FAIL", f"{name}: {exc}")]
+    checks.append(Check("model", "ok", resolved.describe()))
+    try:
+        tokenizer = load_tokenizer(name)
+    except (ValueError, OSError) as exc:
+        return [*checks, Check("tokenizer", "FAIL", f"{name}: {exc}")]
+    checks.append(Check("tokenizer", "ok", f"{type(tokenizer).__name__}, {len(tokenizer)} tokens"))
+    if not examples:
+        return checks
+    params = config.params
+    first = examples[0]
+    system = first.system_prompt if first.system_prompt is not None else params.system_prompt
+    try:
+        student = sdft_data.build_student_prompt(
+            question=first.question,
+            tokenizer=tokenizer,
+            user_template=params.user_template,
+            system_prompt=system,
+            enable_thinking=params.enable_thinking,
+        )
+        detail = f"student prompt {student.length} tokens"
+        status = "ok"
+        if config.algorithm.kind == "sdft":
+            teacher = sdft_data.build_teacher_prompt(
+                question=first.question,
+                golden_answer=first.golden_answer,
+                tokenizer=tokenizer,
+                system_prompt=system,
+                demo_template=params.demo_template,
+                enable_thinking=params.enable_thinking,
+            )
+            detail += f", teacher prompt {teacher.length} tokens"
+            room = params.max_context_length - teacher.length
+            if room < params.max_tokens:
+                status = "warn" if room > 0 else "FAIL"
+                detail += (
+                    f"; only {max(room, 0)} of max_tokens {params.max_tokens} completion tokens fit "
+                    f"max_context_length {params.max_context_length} (completions get truncated)"
+                )
+        checks.append(Check("prompts", status, f"{detail} (example {first.id!r})"))
+    except (ValueError, TypeError, KeyError) as exc:
+        checks.append(Check("prompts", "FAIL", f"example {first.id!r}: {exc}"))
+    return checks
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def _load(path: str):
+    from sdft.config import load_config
+
+    return load_config(path)
+
+
+def _outputs_line(output_dir: Path) -> str:
+    from sdft.runlog import existing_outputs
+
+    return f"{output_dir} ({', '.join(existing_outputs(output_dir))})"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdft.loop import train
+
+    config = _load(args.config)
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        config.algorithm.params.max_steps = args.max_steps
+    result = train(
+        config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    print(f"Status:    {result.status}")
+    print(f"Steps:     {result.steps_completed}/{result.max_steps}")
+    loss = result.train_metrics.get("train/mean_loss")
+    if loss is not None:
+        print(f"Loss:      train/mean_loss {loss:.4f} (last step)")
+    for key, value in sorted(result.benchmark_metrics.items()):
+        print(f"Metric:    {key} {value:.4f}")
+    print(f"Outputs:   {_outputs_line(result.output_dir)}")
+    print(f"Summary:   {result.output_dir / 'summary.md'}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    checks = run_checks(Path(args.config), deep=args.deep)
+    for check in checks:
+        print(check.line())
+    failed = [check for check in checks if check.status == "FAIL"]
+    if failed:
+        print(f"{len(failed)} check(s) failed")
+        return EXIT_CHECK_FAILED
+    print("all checks passed")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdft.loop import evaluate_checkpoint
+
+    config = _load(args.config)
+    output = Path(args.output) if args.output else None
+    result = evaluate_checkpoint(
+        config, checkpoint=args.checkpoint, output=output, progress=not args.no_progress
+    )
+    print(f"Evaluated: {result.label} (step {result.step})")
+    for key, value in sorted(result.metrics.items()):
+        print(f"Metric:    {key} {value:.4f}")
+    print(f"Outputs:   {_outputs_line(result.output_dir)}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sdft.plots import write_comparison_plot
+    from sdft.runlog import RunLog, comparison_markdown
+
+    labels = args.labels or [Path(run).name for run in args.runs]
+    if len(labels) != len(args.runs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    runs = {}
+    for label, run in zip(labels, args.runs, strict=True):
+        log = RunLog(run)
+        if not log.metrics_path.is_file():
+            raise FileNotFoundError(f"no metrics.jsonl in {run}")
+        runs[label] = log.read_metrics()
+    table = comparison_markdown(runs)
+    print(table, end="")
+    if args.output:
+        from sdft import _atomic
+
+        output = Path(args.output)
+        _atomic.write_text(output / "comparison.md", table)
+        write_comparison_plot(runs, output / "comparison.png", title=" vs ".join(labels))
+        print(f"Outputs:   {output / 'comparison.md'}, {output / 'comparison.png'}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdft", description="Self-Distillation Fine-Tuning: train, validate, evaluate."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train as the config says (or resume)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run in output_dir first"
+    )
+    train.add_argument("--max-steps", type=int, help="override algorithm.params.max_steps")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+    validate = commands.add_parser("validate", help="check a config offline")
+    validate.add_argument("config", help="YAML config file")
+    validate.add_argument(
+        "--deep", action="store_true", help="also resolve the model and render the prompts"
+    )
+    validate.set_defaults(handler=cmd_validate)
+
+    evaluate = commands.add_parser(
+        "eval", help="score the benchmarks on the base model or a checkpoint"
+    )
+    evaluate.add_argument("config", help="YAML config file")
+    evaluate.add_argument(
+        "--checkpoint",
+        help="a checkpoint name from checkpoints.jsonl (e.g. 000024), 'last', or a sampler path",
+    )
+    evaluate.add_argument("--output", help="directory for predictions and metrics")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    compare = commands.add_parser("compare", help="compare runs: markdown table and plot")
+    compare.add_argument("runs", nargs="+", help="output directories of runs")
+    compare.add_argument("--labels", nargs="+", help="names for the runs (default: dir names)")
+    compare.add_argument("--output", help="write comparison.md and comparison.png here")
+    compare.set_defaults(handler=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("SDFT_DEBUG", "") not in ("", "0")
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("sdft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc) or type(exc).__name__
+        print(f"sdft: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
