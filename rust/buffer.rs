@@ -33,7 +33,10 @@ const MAP_THRESHOLD_BYTES: usize = 1 << 20;
 enum Storage<T: Zeroable> {
     Heap(Vec<T>),
     #[cfg(unix)]
-    Mapped { ptr: NonNull<T>, bytes: usize },
+    Mapped {
+        ptr: NonNull<T>,
+        bytes: usize,
+    },
 }
 
 /// `len` zeroed elements of `T` at a fixed address for the buffer's whole life.
@@ -55,7 +58,12 @@ fn physical_memory_bytes() -> Option<usize> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf only reads system configuration.
-        let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let (pages, page_size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
         if pages > 0 && page_size > 0 {
             return (pages as usize).checked_mul(page_size as usize);
         }
@@ -92,7 +100,10 @@ impl<T: Zeroable> ZeroedBuffer<T> {
         vec.try_reserve_exact(len)
             .map_err(|_| format!("{what} ({:.2} GiB) could not be allocated", gib(bytes)))?;
         vec.resize(len, T::ZERO);
-        Ok(ZeroedBuffer { storage: Storage::Heap(vec), len })
+        Ok(ZeroedBuffer {
+            storage: Storage::Heap(vec),
+            len,
+        })
     }
 
     #[cfg(unix)]
@@ -109,7 +120,10 @@ impl<T: Zeroable> ZeroedBuffer<T> {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(format!("{what} ({:.2} GiB) could not be allocated", gib(bytes)));
+            return Err(format!(
+                "{what} ({:.2} GiB) could not be allocated",
+                gib(bytes)
+            ));
         }
         #[cfg(target_os = "linux")]
         {
@@ -119,7 +133,10 @@ impl<T: Zeroable> ZeroedBuffer<T> {
         }
         let ptr = NonNull::new(raw.cast::<T>())
             .ok_or_else(|| format!("{what} mapping returned a null pointer"))?;
-        Ok(ZeroedBuffer { storage: Storage::Mapped { ptr, bytes }, len })
+        Ok(ZeroedBuffer {
+            storage: Storage::Mapped { ptr, bytes },
+            len,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -136,7 +153,9 @@ impl<T: Zeroable> ZeroedBuffer<T> {
             // SAFETY: the mapping holds `len` zero-initialized elements, is exclusively owned by
             // `self` and lives until drop.
             #[cfg(unix)]
-            Storage::Mapped { ptr, .. } => unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), self.len) },
+            Storage::Mapped { ptr, .. } => unsafe {
+                std::slice::from_raw_parts_mut(ptr.as_ptr(), self.len)
+            },
         }
     }
 
@@ -145,7 +164,9 @@ impl<T: Zeroable> ZeroedBuffer<T> {
             Storage::Heap(vec) => vec.as_slice(),
             // SAFETY: as in `as_mut_slice`.
             #[cfg(unix)]
-            Storage::Mapped { ptr, .. } => unsafe { std::slice::from_raw_parts(ptr.as_ptr(), self.len) },
+            Storage::Mapped { ptr, .. } => unsafe {
+                std::slice::from_raw_parts(ptr.as_ptr(), self.len)
+            },
         }
     }
 
@@ -182,7 +203,10 @@ mod tests {
             if let Some(last) = buffer.as_mut_slice().last_mut() {
                 *last = 7;
             }
-            assert_eq!(buffer.as_slice().iter().sum::<i64>(), if len > 0 { 7 } else { 0 });
+            assert_eq!(
+                buffer.as_slice().iter().sum::<i64>(),
+                if len > 0 { 7 } else { 0 }
+            );
         }
         let weights = ZeroedBuffer::<f32>::new(1 << 19, "weights").unwrap();
         assert!(weights.as_slice().iter().all(|&x| x == 0.0));
@@ -190,7 +214,9 @@ mod tests {
 
     #[test]
     fn absurd_requests_are_errors_not_aborts() {
-        let err = ZeroedBuffer::<i64>::new(usize::MAX / 4, "output").err().unwrap();
+        let err = ZeroedBuffer::<i64>::new(usize::MAX / 4, "output")
+            .err()
+            .unwrap();
         assert!(err.starts_with("output of"), "{err}");
         #[cfg(target_os = "linux")]
         {

@@ -1,11 +1,11 @@
-//! `exp` of many non-positive `f64`s at once, the kernel's main arithmetic cost (one per teacher
+//! `exp` for the non-positive `f64`s of the renormalization, the kernel's main arithmetic cost (one per teacher
 //! entry: ~1.3 M per recipe-sized batch).
 //!
 //! `exp(x) = 2^k * exp(r)` with `k = round(x / ln 2)` and `|r| <= ln 2 / 2`; `exp(r)` is a
 //! degree-11 Taylor polynomial (relative error < 1e-14, far below the float32 output's 6e-8). The
 //! function has no branches or table lookups, so a loop over it vectorizes: 4 lanes at a time when
 //! compiled for AVX2. Every compilation does the same IEEE operations in the same order (Rust never
-//! fuses multiply-adds on its own), so results are bit-identical on every x86-64 CPU.
+//! fuses multiply-adds on its own), so the result does not depend on which compilation runs.
 //! (The kernel compiles its whole row loop twice, portable and AVX2, and picks one at run time.)
 
 const LOG2_E: f64 = std::f64::consts::LOG2_E;
@@ -21,7 +21,11 @@ const SMALLEST_ARGUMENT: f64 = -708.0;
 /// `exp(x)` for `x <= 0` (not NaN); arguments below -708 give exactly 0.
 #[inline(always)]
 pub fn exp_non_positive(x: f64) -> f64 {
-    let clamped = if x < SMALLEST_ARGUMENT { SMALLEST_ARGUMENT } else { x };
+    let clamped = if x < SMALLEST_ARGUMENT {
+        SMALLEST_ARGUMENT
+    } else {
+        x
+    };
     let shifted = clamped * LOG2_E + ROUNDER;
     let k = shifted - ROUNDER;
     let r = clamped - k * LN2_HI - k * LN2_LO;
@@ -35,7 +39,8 @@ pub fn exp_non_positive(x: f64) -> f64 {
                                 + r * (1.0 / 5040.0
                                     + r * (1.0 / 40_320.0
                                         + r * (1.0 / 362_880.0
-                                            + r * (1.0 / 3_628_800.0 + r * (1.0 / 39_916_800.0)))))))))));
+                                            + r * (1.0 / 3_628_800.0
+                                                + r * (1.0 / 39_916_800.0)))))))))));
     // k is in [-1022, 0], so k + 1023 is a valid (normal) biased exponent.
     let k_int = shifted.to_bits() as i64 - ROUNDER.to_bits() as i64;
     let scale = f64::from_bits(((k_int + 1023) as u64) << 52);
@@ -72,5 +77,4 @@ mod tests {
         assert_eq!(exp_non_positive(-1e308), 0.0);
         assert!(exp_non_positive(-707.9) > 0.0);
     }
-
 }

@@ -208,7 +208,12 @@ fn read_cell_slices<I: TokenCell, F: LogprobCell>(ids: &[I], logprobs: &[F], out
     while end > 1 && sentinel_at(end - 1) {
         end -= 1;
     }
-    out.load(ids.iter().zip(logprobs).take(end).map(|(id, logprob)| (id.to_id(), logprob.to_logprob())));
+    out.load(
+        ids.iter()
+            .zip(logprobs)
+            .take(end)
+            .map(|(id, logprob)| (id.to_id(), logprob.to_logprob())),
+    );
 }
 
 /// Reads a row's entries: none when its first cell is the sentinel; otherwise the cells up to the
@@ -233,7 +238,11 @@ where
         .zip(logprobs.clone().rev())
         .take_while(|(id, logprob)| is_sentinel(id.to_id(), logprob.to_logprob()))
         .count();
-    out.load(ids.zip(logprobs).take(width - trailing).map(|(id, logprob)| (id.to_id(), logprob.to_logprob())));
+    out.load(
+        ids.zip(logprobs)
+            .take(width - trailing)
+            .map(|(id, logprob)| (id.to_id(), logprob.to_logprob())),
+    );
 }
 
 /// A teacher response given as rows of `(token_id, logprob)` entries of varying length (the list
@@ -259,7 +268,10 @@ impl RaggedRows<'_> {
             .checked_sub(self.first_row)
             .and_then(|i| self.spans.get(i))
             .ok_or_else(|| {
-                datum_error(datum, format!("teacher row {row} was not gathered (internal error)"))
+                datum_error(
+                    datum,
+                    format!("teacher row {row} was not gathered (internal error)"),
+                )
             })?;
         let Some(span) = span else { return Ok(()) };
         match (self.ids.get(span.clone()), self.logprobs.get(span.clone())) {
@@ -388,14 +400,21 @@ struct RowBuffer {
 
 impl RowBuffer {
     fn new(topk: usize) -> Self {
-        RowBuffer { ids: vec![0; topk], logprobs: vec![0.0; topk], probabilities: vec![0.0; topk], len: 0 }
+        RowBuffer {
+            ids: vec![0; topk],
+            logprobs: vec![0.0; topk],
+            probabilities: vec![0.0; topk],
+            len: 0,
+        }
     }
 
     /// Takes entries from `cells` until it has `topk` of them (the top-K cut).
     #[inline(always)]
     fn load(&mut self, cells: impl Iterator<Item = (i64, f64)>) {
         let mut len = 0;
-        for ((id_slot, logprob_slot), (id, logprob)) in self.ids.iter_mut().zip(self.logprobs.iter_mut()).zip(cells) {
+        for ((id_slot, logprob_slot), (id, logprob)) in
+            self.ids.iter_mut().zip(self.logprobs.iter_mut()).zip(cells)
+        {
             *id_slot = id;
             *logprob_slot = logprob;
             len += 1;
@@ -436,7 +455,13 @@ fn lane_max(values: &[f64]) -> f64 {
 trait RowSink {
     /// Writes `ids` and `probabilities * scale` (as f32) left-aligned into output row `row`; rows
     /// arrive in strictly increasing order.
-    fn write_row(&mut self, row: usize, ids: &[i64], probabilities: &[f64], scale: f64) -> Result<(), String>;
+    fn write_row(
+        &mut self,
+        row: usize,
+        ids: &[i64],
+        probabilities: &[f64],
+        scale: f64,
+    ) -> Result<(), String>;
 }
 
 struct DenseSink<'o> {
@@ -447,12 +472,19 @@ struct DenseSink<'o> {
 
 impl RowSink for DenseSink<'_> {
     #[inline]
-    fn write_row(&mut self, row: usize, ids: &[i64], probabilities: &[f64], scale: f64) -> Result<(), String> {
+    fn write_row(
+        &mut self,
+        row: usize,
+        ids: &[i64],
+        probabilities: &[f64],
+        scale: f64,
+    ) -> Result<(), String> {
         let start = row * self.topk;
         let end = start + ids.len();
-        let (Some(tokens_out), Some(weights_out)) =
-            (self.target_tokens.get_mut(start..end), self.weights.get_mut(start..end))
-        else {
+        let (Some(tokens_out), Some(weights_out)) = (
+            self.target_tokens.get_mut(start..end),
+            self.weights.get_mut(start..end),
+        ) else {
             return Err(format!("output row {row} is out of range (internal error)"));
         };
         for (out, &id) in tokens_out.iter_mut().zip(ids) {
@@ -483,14 +515,21 @@ impl CsrSink {
 }
 
 impl RowSink for CsrSink {
-    fn write_row(&mut self, row: usize, ids: &[i64], probabilities: &[f64], scale: f64) -> Result<(), String> {
+    fn write_row(
+        &mut self,
+        row: usize,
+        ids: &[i64],
+        probabilities: &[f64],
+        scale: f64,
+    ) -> Result<(), String> {
         if self.crow.len() > row + 1 {
             return Err(format!("output row {row} written twice (internal error)"));
         }
         self.close_rows_until(row);
         self.col.extend(0..ids.len() as i64);
         self.target_tokens.extend_from_slice(ids);
-        self.weights.extend(probabilities.iter().map(|&p| (p * scale) as f32));
+        self.weights
+            .extend(probabilities.iter().map(|&p| (p * scale) as f32));
         Ok(())
     }
 }
@@ -501,10 +540,18 @@ pub fn position_context(t: usize, student_pos: usize, teacher_row: usize) -> Str
 }
 
 /// Number of cells (`N * topk`) of a datum's dense output.
-pub fn dense_cells(index: usize, input: &DatumInput<'_>, topk: usize) -> Result<usize, KernelError> {
+pub fn dense_cells(
+    index: usize,
+    input: &DatumInput<'_>,
+    topk: usize,
+) -> Result<usize, KernelError> {
     let rows = input.mask.len();
-    rows.checked_mul(topk)
-        .ok_or_else(|| datum_error(index, format!("output of {rows} x {topk} cells is too large")))
+    rows.checked_mul(topk).ok_or_else(|| {
+        datum_error(
+            index,
+            format!("output of {rows} x {topk} cells is too large"),
+        )
+    })
 }
 
 /// Builds one datum's dense targets into `target_tokens` / `weights`, which must be zero-filled
@@ -516,7 +563,14 @@ pub fn build_dense_datum(
     target_tokens: &mut [i64],
     weights: &mut [f32],
 ) -> Result<Stats, KernelError> {
-    build_dense_datum_with(index, input, config, target_tokens, weights, &mut RowBuffer::new(config.topk))
+    build_dense_datum_with(
+        index,
+        input,
+        config,
+        target_tokens,
+        weights,
+        &mut RowBuffer::new(config.topk),
+    )
 }
 
 fn build_dense_datum_with(
@@ -538,12 +592,20 @@ fn build_dense_datum_with(
             ),
         ));
     }
-    let mut sink = DenseSink { topk: config.topk, target_tokens, weights };
+    let mut sink = DenseSink {
+        topk: config.topk,
+        target_tokens,
+        weights,
+    };
     fill_rows(index, input, config, buffer, &mut sink)
 }
 
 /// Builds one datum's targets in CSR form.
-pub fn build_csr_datum(index: usize, input: &DatumInput<'_>, config: &Config) -> Result<(CsrTargets, Stats), KernelError> {
+pub fn build_csr_datum(
+    index: usize,
+    input: &DatumInput<'_>,
+    config: &Config,
+) -> Result<(CsrTargets, Stats), KernelError> {
     build_csr_datum_with(index, input, config, &mut RowBuffer::new(config.topk))
 }
 
@@ -554,7 +616,12 @@ fn build_csr_datum_with(
     buffer: &mut RowBuffer,
 ) -> Result<(CsrTargets, Stats), KernelError> {
     let rows = input.mask.len();
-    let mut sink = CsrSink { crow: Vec::with_capacity(rows + 1), col: Vec::new(), target_tokens: Vec::new(), weights: Vec::new() };
+    let mut sink = CsrSink {
+        crow: Vec::with_capacity(rows + 1),
+        col: Vec::new(),
+        target_tokens: Vec::new(),
+        weights: Vec::new(),
+    };
     sink.crow.push(0);
     let stats = fill_rows(index, input, config, buffer, &mut sink)?;
     sink.close_rows_until(rows);
@@ -613,7 +680,10 @@ fn fill_rows_body(
     let mut positions = 0usize;
     for (j, &m) in input.mask.iter().enumerate() {
         if !m.is_finite() {
-            return Err(datum_error(index, format!("mask[{j}] is {m}; mask values must be finite")));
+            return Err(datum_error(
+                index,
+                format!("mask[{j}] is {m}; mask values must be finite"),
+            ));
         }
         if m > 0.0 {
             positions += 1;
@@ -647,7 +717,10 @@ fn fill_rows_body(
         let kept = validate_and_filter(buffer, config.vocab_size).map_err(|(entry, problem)| {
             datum_error(
                 index,
-                format!("{}, entry {entry}: {problem}", position_context(t, student_pos, teacher_row)),
+                format!(
+                    "{}, entry {entry}: {problem}",
+                    position_context(t, student_pos, teacher_row)
+                ),
             )
         })?;
         stats.vocab_filtered_ids += (taken - kept) as u64;
@@ -657,8 +730,13 @@ fn fill_rows_body(
         }
         stats.entropy_sum += renormalize(buffer);
         let probabilities = buffer.probabilities.get(..buffer.len).unwrap_or_default();
-        sink.write_row(student_pos, buffer.ids(), probabilities, config.weight_scale)
-            .map_err(|message| datum_error(index, message))?;
+        sink.write_row(
+            student_pos,
+            buffer.ids(),
+            probabilities,
+            config.weight_scale,
+        )
+        .map_err(|message| datum_error(index, message))?;
         stats.distilled_positions += 1;
     }
     Ok(stats)
@@ -667,16 +745,22 @@ fn fill_rows_body(
 /// Checks every taken entry, then keeps (in order) the ones below `vocab_size`. Returns how many
 /// were kept, or the first bad entry's index and what is wrong with it.
 #[inline(always)]
-fn validate_and_filter(buffer: &mut RowBuffer, vocab_size: Option<i64>) -> Result<usize, (usize, String)> {
+fn validate_and_filter(
+    buffer: &mut RowBuffer,
+    vocab_size: Option<i64>,
+) -> Result<usize, (usize, String)> {
     let len = buffer.len;
-    let (Some(ids), Some(logprobs)) = (buffer.ids.get_mut(..len), buffer.logprobs.get_mut(..len)) else {
+    let (Some(ids), Some(logprobs)) = (buffer.ids.get_mut(..len), buffer.logprobs.get_mut(..len))
+    else {
         return Ok(0);
     };
     // One branch-free pass for the common case; the first bad entry is looked up only on failure.
     let any_bad = ids
         .iter()
         .zip(logprobs.iter())
-        .fold(false, |bad, (&id, &logprob)| bad | !(0..=MAX_TOKEN_ID).contains(&id) | !logprob.is_finite());
+        .fold(false, |bad, (&id, &logprob)| {
+            bad | !(0..=MAX_TOKEN_ID).contains(&id) | !logprob.is_finite()
+        });
     if any_bad {
         return Err(first_bad_entry(ids, logprobs));
     }
@@ -700,10 +784,16 @@ fn validate_and_filter(buffer: &mut RowBuffer, vocab_size: Option<i64>) -> Resul
 fn first_bad_entry(ids: &[i64], logprobs: &[f64]) -> (usize, String) {
     for (entry, (&id, &logprob)) in ids.iter().zip(logprobs).enumerate() {
         if !(0..=MAX_TOKEN_ID).contains(&id) {
-            return (entry, format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"));
+            return (
+                entry,
+                format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"),
+            );
         }
         if !logprob.is_finite() {
-            return (entry, format!("logprob is {logprob}; teacher logprobs must be finite"));
+            return (
+                entry,
+                format!("logprob is {logprob}; teacher logprobs must be finite"),
+            );
         }
     }
     (0, "invalid entry (internal error)".to_string())
@@ -714,8 +804,10 @@ fn first_bad_entry(ids: &[i64], logprobs: &[f64]) -> (usize, String) {
 #[inline(always)]
 fn renormalize(buffer: &mut RowBuffer) -> f64 {
     let len = buffer.len;
-    let (Some(logprobs), Some(probabilities)) = (buffer.logprobs.get(..len), buffer.probabilities.get_mut(..len))
-    else {
+    let (Some(logprobs), Some(probabilities)) = (
+        buffer.logprobs.get(..len),
+        buffer.probabilities.get_mut(..len),
+    ) else {
         return 0.0;
     };
     let max = lane_max(logprobs);
@@ -727,7 +819,11 @@ fn renormalize(buffer: &mut RowBuffer) -> f64 {
     let inverse_total = 1.0 / total;
     let mut entropy = [0.0f64; 4];
     for (p_chunk, logprob_chunk) in probabilities.chunks_mut(4).zip(logprobs.chunks(4)) {
-        for ((lane, p), &logprob) in entropy.iter_mut().zip(p_chunk.iter_mut()).zip(logprob_chunk) {
+        for ((lane, p), &logprob) in entropy
+            .iter_mut()
+            .zip(p_chunk.iter_mut())
+            .zip(logprob_chunk)
+        {
             let normalized = *p * inverse_total;
             *p = normalized;
             // An entry whose exp flushed to 0 contributes nothing (its shifted log may be -inf).
@@ -755,7 +851,11 @@ where
 {
     let run_group = |first: usize, group: Vec<W>| -> Result<Vec<R>, KernelError> {
         let mut buffer = RowBuffer::new(topk);
-        group.into_iter().enumerate().map(|(i, item)| run(first + i, item, &mut buffer)).collect()
+        group
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| run(first + i, item, &mut buffer))
+            .collect()
     };
     let threads = threads.clamp(1, work.len().max(1));
     if threads == 1 {
@@ -783,15 +883,32 @@ where
         let head = groups.next();
         for (group_first, group) in groups {
             let run_group = &run_group;
-            handles.push(scope.spawn(move || run_group(group_first, group)));
+            // A group whose thread cannot be started runs here, after the first one.
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
+                let group = receiver.recv().unwrap_or_default();
+                run_group(group_first, group)
+            });
+            match spawned {
+                Ok(handle) => {
+                    let _ = sender.send(group);
+                    handles.push(Worker::Thread(handle));
+                }
+                Err(_) => handles.push(Worker::Inline(group_first, group)),
+            }
         }
         if let Some((group_first, group)) = head {
             results.push(run_group(group_first, group));
         }
-        for handle in handles {
-            results.push(handle.join().unwrap_or_else(|_| {
-                Err(KernelError::Argument("a kernel worker thread panicked (internal error)".into()))
-            }));
+        for worker in handles {
+            results.push(match worker {
+                Worker::Thread(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(KernelError::Argument(
+                        "a kernel worker thread panicked (internal error)".into(),
+                    ))
+                }),
+                Worker::Inline(group_first, group) => run_group(group_first, group),
+            });
         }
     });
     let mut outputs = Vec::new();
@@ -801,10 +918,17 @@ where
     Ok(outputs)
 }
 
+enum Worker<'scope, W, R> {
+    Thread(std::thread::ScopedJoinHandle<'scope, Result<Vec<R>, KernelError>>),
+    Inline(usize, Vec<W>),
+}
+
 /// Builds every datum's dense targets into one pair of zero-filled buffers holding the datums'
 /// `(N_i, topk)` blocks back to back (`sum N_i * topk` cells each), on up to `threads` threads.
+/// `first_index` is the batch index of `inputs[0]` (for error messages).
 pub fn build_dense_batch(
     inputs: &[DatumInput<'_>],
+    first_index: usize,
     config: &Config,
     target_tokens: &mut [i64],
     weights: &mut [f32],
@@ -813,7 +937,7 @@ pub fn build_dense_batch(
     let cells = inputs
         .iter()
         .enumerate()
-        .map(|(index, input)| dense_cells(index, input, config.topk))
+        .map(|(index, input)| dense_cells(first_index + index, input, config.topk))
         .collect::<Result<Vec<_>, _>>()?;
     let total: usize = cells.iter().sum();
     if target_tokens.len() != total || weights.len() != total {
@@ -832,9 +956,15 @@ pub fn build_dense_batch(
         tokens_rest = tokens_tail;
         weights_rest = weights_tail;
     }
-    let per_datum = run_in_groups(work, &cells, threads, config.topk, |index, (input, tokens, weights), buffer| {
-        build_dense_datum_with(index, input, config, tokens, weights, buffer)
-    })?;
+    let per_datum = run_in_groups(
+        work,
+        &cells,
+        threads,
+        config.topk,
+        |index, (input, tokens, weights), buffer| {
+            build_dense_datum_with(first_index + index, input, config, tokens, weights, buffer)
+        },
+    )?;
     let mut total_stats = Stats::default();
     for stats in &per_datum {
         total_stats.add(stats);
@@ -842,16 +972,22 @@ pub fn build_dense_batch(
     Ok(total_stats)
 }
 
-/// Builds every datum's targets in CSR form, on up to `threads` threads.
+/// Builds every datum's targets in CSR form, on up to `threads` threads. `first_index` is the
+/// batch index of `inputs[0]` (for error messages).
 pub fn build_csr_batch(
     inputs: &[DatumInput<'_>],
+    first_index: usize,
     config: &Config,
     threads: usize,
 ) -> Result<(Vec<CsrTargets>, Stats), KernelError> {
     let cost: Vec<usize> = inputs.iter().map(|input| input.mask.len()).collect();
-    let per_datum = run_in_groups(inputs.iter().collect(), &cost, threads, config.topk, |index, input, buffer| {
-        build_csr_datum_with(index, input, config, buffer)
-    })?;
+    let per_datum = run_in_groups(
+        inputs.iter().collect(),
+        &cost,
+        threads,
+        config.topk,
+        |index, input, buffer| build_csr_datum_with(first_index + index, input, config, buffer),
+    )?;
     let mut total_stats = Stats::default();
     let mut outputs = Vec::with_capacity(per_datum.len());
     for (targets, stats) in per_datum {
@@ -860,7 +996,6 @@ pub fn build_csr_batch(
     }
     Ok((outputs, total_stats))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -875,7 +1010,10 @@ mod tests {
         Config::new(topk, vocab, skip, 1.0).expect("valid config")
     }
 
-    fn dense(input: &DatumInput<'_>, cfg: &Config) -> Result<(Vec<i64>, Vec<f32>, Stats), KernelError> {
+    fn dense(
+        input: &DatumInput<'_>,
+        cfg: &Config,
+    ) -> Result<(Vec<i64>, Vec<f32>, Stats), KernelError> {
         let cells = input.mask.len() * cfg.topk;
         let (mut tokens, mut weights) = (vec![0i64; cells], vec![0f32; cells]);
         let stats = build_dense_datum(0, input, cfg, &mut tokens, &mut weights)?;
@@ -901,7 +1039,12 @@ mod tests {
         teacher_prompt_len: usize,
         teacher: Teacher<'a>,
     ) -> DatumInput<'a> {
-        DatumInput { mask: mask.view(), completion_len, teacher_prompt_len, teacher }
+        DatumInput {
+            mask: mask.view(),
+            completion_len,
+            teacher_prompt_len,
+            teacher,
+        }
     }
 
     /// The tinker_contract.md §7 worked example: P = [11..14], C = [21..25], Q has 6 tokens; the
@@ -936,7 +1079,10 @@ mod tests {
         for t in 0..5 {
             let row = 3 + t;
             let teacher_row = 6 + t as i64;
-            assert_eq!(&tokens[row * 3..row * 3 + 3], &[21 + t as i64, 1000 + teacher_row, 2000 + teacher_row]);
+            assert_eq!(
+                &tokens[row * 3..row * 3 + 3],
+                &[21 + t as i64, 1000 + teacher_row, 2000 + teacher_row]
+            );
             for (got, want) in weights[row * 3..row * 3 + 3].iter().zip([0.7, 0.2, 0.1]) {
                 assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
             }
@@ -954,7 +1100,14 @@ mod tests {
         let ids = Array2::from_shape_vec((2, 3), vec![0, 0, 0, 5, 9, 7]).unwrap();
         let lps = Array2::from_shape_vec(
             (2, 3),
-            vec![-99999.0f32, -99999.0, -99999.0, 0.5f32.ln(), 0.3f32.ln(), 0.1f32.ln()],
+            vec![
+                -99999.0f32,
+                -99999.0,
+                -99999.0,
+                0.5f32.ln(),
+                0.3f32.ln(),
+                0.1f32.ln(),
+            ],
         )
         .unwrap();
         let mask = arr1(&[0.0f32, 1.0, 1.0]);
@@ -1021,13 +1174,30 @@ mod tests {
             }
             spans.push(Some(start..flat_ids.len()));
         }
-        let ragged = RaggedRows { num_rows: 11, first_row: window.start, spans: &spans, ids: &flat_ids, logprobs: &flat_lps };
+        let ragged = RaggedRows {
+            num_rows: 11,
+            first_row: window.start,
+            spans: &spans,
+            ids: &flat_ids,
+            logprobs: &flat_lps,
+        };
         let dense_rows = DenseRows::new(ids.view(), lps.view()).unwrap();
-        let make = |teacher| DatumInput { mask: mask.view(), completion_len: 5, teacher_prompt_len: 6, teacher };
-        let (dense_tokens, dense_weights, dense_stats) = dense(&make(Teacher::DenseI32F32(dense_rows.clone())), &cfg).unwrap();
-        let (ragged_tokens, ragged_weights, ragged_stats) = dense(&make(Teacher::Ragged(ragged)), &cfg).unwrap();
-        let (csr, csr_stats) = build_csr_datum(0, &make(Teacher::DenseI32F32(dense_rows)), &cfg).unwrap();
-        assert_eq!((&dense_tokens, &dense_weights), (&ragged_tokens, &ragged_weights));
+        let make = |teacher| DatumInput {
+            mask: mask.view(),
+            completion_len: 5,
+            teacher_prompt_len: 6,
+            teacher,
+        };
+        let (dense_tokens, dense_weights, dense_stats) =
+            dense(&make(Teacher::DenseI32F32(dense_rows.clone())), &cfg).unwrap();
+        let (ragged_tokens, ragged_weights, ragged_stats) =
+            dense(&make(Teacher::Ragged(ragged)), &cfg).unwrap();
+        let (csr, csr_stats) =
+            build_csr_datum(0, &make(Teacher::DenseI32F32(dense_rows)), &cfg).unwrap();
+        assert_eq!(
+            (&dense_tokens, &dense_weights),
+            (&ragged_tokens, &ragged_weights)
+        );
         assert_eq!(dense_stats, ragged_stats);
         assert_eq!(dense_stats, csr_stats);
         assert_eq!(densify(&csr), (dense_tokens.clone(), dense_weights));
@@ -1047,9 +1217,26 @@ mod tests {
         let lps_t = lps.t().to_owned();
         let mask = arr1(&[0.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
         let cfg = config(3, None, 0);
-        let make = |teacher| DatumInput { mask: mask.view(), completion_len: 5, teacher_prompt_len: 6, teacher };
-        let contiguous = dense(&make(Teacher::DenseI32F32(DenseRows::new(ids.view(), lps.view()).unwrap())), &cfg).unwrap();
-        let strided = dense(&make(Teacher::DenseI32F32(DenseRows::new(ids_t.t(), lps_t.t()).unwrap())), &cfg).unwrap();
+        let make = |teacher| DatumInput {
+            mask: mask.view(),
+            completion_len: 5,
+            teacher_prompt_len: 6,
+            teacher,
+        };
+        let contiguous = dense(
+            &make(Teacher::DenseI32F32(
+                DenseRows::new(ids.view(), lps.view()).unwrap(),
+            )),
+            &cfg,
+        )
+        .unwrap();
+        let strided = dense(
+            &make(Teacher::DenseI32F32(
+                DenseRows::new(ids_t.t(), lps_t.t()).unwrap(),
+            )),
+            &cfg,
+        )
+        .unwrap();
         assert_eq!(contiguous, strided);
     }
 
@@ -1071,14 +1258,32 @@ mod tests {
         let cfg = config(2, None, 0);
         let at = "datum 4: completion position 1 (student position 2, teacher row 3), entry 1";
         let cases: Vec<(i64, f64, String)> = vec![
-            (-1, -0.5, format!("{at}: token id -1 is outside [0, 2147483647]")),
-            (2_147_483_648, -0.5, format!("{at}: token id 2147483648 is outside [0, 2147483647]")),
-            (7, f64::NAN, format!("{at}: logprob is NaN; teacher logprobs must be finite")),
-            (7, f64::INFINITY, format!("{at}: logprob is inf; teacher logprobs must be finite")),
+            (
+                -1,
+                -0.5,
+                format!("{at}: token id -1 is outside [0, 2147483647]"),
+            ),
+            (
+                2_147_483_648,
+                -0.5,
+                format!("{at}: token id 2147483648 is outside [0, 2147483647]"),
+            ),
+            (
+                7,
+                f64::NAN,
+                format!("{at}: logprob is NaN; teacher logprobs must be finite"),
+            ),
+            (
+                7,
+                f64::INFINITY,
+                format!("{at}: logprob is inf; teacher logprobs must be finite"),
+            ),
         ];
         for (bad_id, bad_lp, message) in cases {
             let ids = Array2::from_shape_vec((4, 2), vec![0, 0, 0, 0, 1, 2, 3, bad_id]).unwrap();
-            let lps = Array2::from_shape_vec((4, 2), vec![0.0, 0.0, 0.0, 0.0, -0.1, -0.2, -0.3, bad_lp]).unwrap();
+            let lps =
+                Array2::from_shape_vec((4, 2), vec![0.0, 0.0, 0.0, 0.0, -0.1, -0.2, -0.3, bad_lp])
+                    .unwrap();
             let teacher = Teacher::DenseI64F64(DenseRows::new(ids.view(), lps.view()).unwrap());
             let input = dense_input(&mask, 2, 2, teacher);
             let (mut tokens, mut weights) = (vec![0; 6], vec![0.0; 6]);
@@ -1090,32 +1295,74 @@ mod tests {
     #[test]
     fn bad_mask_and_shapes_are_errors() {
         let mask = arr1(&[0.0f32, f32::NAN]);
-        let input = DatumInput { mask: mask.view(), completion_len: 1, teacher_prompt_len: 0, teacher: Teacher::Missing };
+        let input = DatumInput {
+            mask: mask.view(),
+            completion_len: 1,
+            teacher_prompt_len: 0,
+            teacher: Teacher::Missing,
+        };
         let (mut tokens, mut weights) = (vec![0; 4], vec![0.0; 4]);
-        let err = build_dense_datum(1, &input, &config(2, None, 0), &mut tokens, &mut weights).unwrap_err();
-        assert_eq!(err.to_string(), "datum 1: mask[1] is NaN; mask values must be finite");
+        let err = build_dense_datum(1, &input, &config(2, None, 0), &mut tokens, &mut weights)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "datum 1: mask[1] is NaN; mask values must be finite"
+        );
 
         let ids = Array2::<i32>::zeros((3, 2));
         let lps = Array2::<f32>::zeros((3, 3));
         let err = DenseRows::new(ids.view(), lps.view()).unwrap_err();
-        assert_eq!(err, "teacher token_ids shape [3, 2] and logprobs shape [3, 3] differ");
+        assert_eq!(
+            err,
+            "teacher token_ids shape [3, 2] and logprobs shape [3, 3] differ"
+        );
 
         let mask = arr1(&[1.0f32]);
-        let input = DatumInput { mask: mask.view(), completion_len: 1, teacher_prompt_len: 0, teacher: Teacher::Missing };
-        let err = build_dense_datum(0, &input, &config(2, None, 0), &mut [0; 3], &mut [0.0; 2]).unwrap_err();
-        assert_eq!(err.to_string(), "datum 0: output buffers hold 3 and 2 cells, expected 2 (internal error)");
+        let input = DatumInput {
+            mask: mask.view(),
+            completion_len: 1,
+            teacher_prompt_len: 0,
+            teacher: Teacher::Missing,
+        };
+        let err = build_dense_datum(0, &input, &config(2, None, 0), &mut [0; 3], &mut [0.0; 2])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "datum 0: output buffers hold 3 and 2 cells, expected 2 (internal error)"
+        );
     }
 
     #[test]
     fn config_rejects_bad_arguments() {
         let msg = |r: Result<Config, KernelError>| r.unwrap_err().to_string();
-        assert_eq!(msg(Config::new(0, None, 3, 1.0)), "topk must be between 1 and 4096, got 0");
-        assert_eq!(msg(Config::new(4097, None, 3, 1.0)), "topk must be between 1 and 4096, got 4097");
-        assert_eq!(msg(Config::new(20, Some(0), 3, 1.0)), "vocab_size must be >= 1 (or None), got 0");
-        assert_eq!(msg(Config::new(20, None, -1, 1.0)), "skip_first_n must be >= 0, got -1");
-        assert_eq!(msg(Config::new(20, None, 3, f64::NAN)), "weight_scale must be a finite number >= 0, got NaN");
-        assert_eq!(msg(Config::new(20, None, 3, -1.0)), "weight_scale must be a finite number >= 0, got -1");
-        assert_eq!(Config::new(20, None, i64::MAX, 2.0).unwrap().skip_first_n, i64::MAX as usize);
+        assert_eq!(
+            msg(Config::new(0, None, 3, 1.0)),
+            "topk must be between 1 and 4096, got 0"
+        );
+        assert_eq!(
+            msg(Config::new(4097, None, 3, 1.0)),
+            "topk must be between 1 and 4096, got 4097"
+        );
+        assert_eq!(
+            msg(Config::new(20, Some(0), 3, 1.0)),
+            "vocab_size must be >= 1 (or None), got 0"
+        );
+        assert_eq!(
+            msg(Config::new(20, None, -1, 1.0)),
+            "skip_first_n must be >= 0, got -1"
+        );
+        assert_eq!(
+            msg(Config::new(20, None, 3, f64::NAN)),
+            "weight_scale must be a finite number >= 0, got NaN"
+        );
+        assert_eq!(
+            msg(Config::new(20, None, 3, -1.0)),
+            "weight_scale must be a finite number >= 0, got -1"
+        );
+        assert_eq!(
+            Config::new(20, None, i64::MAX, 2.0).unwrap().skip_first_n,
+            i64::MAX as usize
+        );
     }
 
     #[test]
@@ -1142,7 +1389,10 @@ mod tests {
                 entropy_sum: 0.0,
             }
         );
-        let missing = DatumInput { teacher: Teacher::Missing, ..input };
+        let missing = DatumInput {
+            teacher: Teacher::Missing,
+            ..input
+        };
         let (csr, stats) = build_csr_datum(0, &missing, &config(1, None, 0)).unwrap();
         assert_eq!(densify(&csr).0, vec![0; 6]);
         assert_eq!(csr.crow, vec![0; 7]);
@@ -1169,13 +1419,17 @@ mod tests {
         let teachers: Vec<(Array2<i32>, Array2<f32>)> = (0..7)
             .map(|d| {
                 let rows = 5 + d * 3;
-                let ids = Array2::from_shape_fn((rows, 4), |(r, k)| ((r * 7 + k * 13 + d) % 50) as i32);
-                let lps = Array2::from_shape_fn((rows, 4), |(r, k)| -(((r + k + d) % 9) as f32) * 0.4 - k as f32);
+                let ids =
+                    Array2::from_shape_fn((rows, 4), |(r, k)| ((r * 7 + k * 13 + d) % 50) as i32);
+                let lps = Array2::from_shape_fn((rows, 4), |(r, k)| {
+                    -(((r + k + d) % 9) as f32) * 0.4 - k as f32
+                });
                 (ids, lps)
             })
             .collect();
-        let masks: Vec<ndarray::Array1<f32>> =
-            (0..7).map(|d| ndarray::Array1::from_shape_fn(4 + d * 2, |j| if j >= 2 { 1.0 } else { 0.0 })).collect();
+        let masks: Vec<ndarray::Array1<f32>> = (0..7)
+            .map(|d| ndarray::Array1::from_shape_fn(4 + d * 2, |j| if j >= 2 { 1.0 } else { 0.0 }))
+            .collect();
         let inputs: Vec<DatumInput> = teachers
             .iter()
             .zip(&masks)
@@ -1191,18 +1445,28 @@ mod tests {
         let cells: usize = masks.iter().map(|m| m.len() * 3).sum();
         let run_dense = |threads| {
             let (mut tokens, mut weights) = (vec![0i64; cells], vec![0f32; cells]);
-            let stats = build_dense_batch(&inputs, &cfg, &mut tokens, &mut weights, threads).unwrap();
+            let stats =
+                build_dense_batch(&inputs, 0, &cfg, &mut tokens, &mut weights, threads).unwrap();
             (tokens, weights, stats)
         };
         let single = run_dense(1);
         assert_eq!(single, run_dense(3));
         assert!(single.2.distilled_positions > 0 && single.2.vocab_filtered_ids > 0);
-        let (csr_single, csr_stats) = build_csr_batch(&inputs, &cfg, 1).unwrap();
-        assert_eq!((csr_single.clone(), csr_stats), build_csr_batch(&inputs, &cfg, 3).unwrap());
+        let (csr_single, csr_stats) = build_csr_batch(&inputs, 0, &cfg, 1).unwrap();
+        assert_eq!(
+            (csr_single.clone(), csr_stats),
+            build_csr_batch(&inputs, 0, &cfg, 3).unwrap()
+        );
         let mut offset = 0;
         for (csr, mask) in csr_single.iter().zip(&masks) {
             let n = mask.len() * 3;
-            assert_eq!(densify(csr), (single.0[offset..offset + n].to_vec(), single.1[offset..offset + n].to_vec()));
+            assert_eq!(
+                densify(csr),
+                (
+                    single.0[offset..offset + n].to_vec(),
+                    single.1[offset..offset + n].to_vec()
+                )
+            );
             offset += n;
         }
 
@@ -1213,10 +1477,66 @@ mod tests {
         for threads in [1, 2, 3, 7] {
             let cells_broken: usize = broken.iter().map(|i| i.mask.len() * 3).sum();
             let (mut tokens, mut weights) = (vec![0i64; cells_broken], vec![0f32; cells_broken]);
-            let err = build_dense_batch(&broken, &cfg, &mut tokens, &mut weights, threads).unwrap_err();
-            assert_eq!(err.to_string(), "datum 2: mask[0] is NaN; mask values must be finite");
-            let err = build_csr_batch(&broken, &cfg, threads).unwrap_err();
-            assert_eq!(err.to_string(), "datum 2: mask[0] is NaN; mask values must be finite");
+            let err =
+                build_dense_batch(&broken, 0, &cfg, &mut tokens, &mut weights, threads).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "datum 2: mask[0] is NaN; mask values must be finite"
+            );
+            let err = build_csr_batch(&broken, 0, &cfg, threads).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "datum 2: mask[0] is NaN; mask values must be finite"
+            );
         }
+        // A sub-batch names its datums by their index in the whole batch.
+        let err = build_csr_batch(&broken[3..], 3, &cfg, 2).unwrap_err();
+        assert_eq!(err.to_string(), "datum 5: mask[0] is NaN; mask values must be finite");
+    }
+
+    /// The AVX2 and portable compilations of the row loop give bit-identical outputs and stats.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_portable_row_loops_agree_bitwise() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let rows = 300;
+        let ids = Array2::from_shape_fn((rows, 23), |(r, k)| ((r * 31 + k * 17) % 997) as i32);
+        let lps = Array2::from_shape_fn((rows, 23), |(r, k)| {
+            -(((r * 7 + k * 3) % 11) as f32) * 0.91
+                - (k as f32) * 1.3
+                - if k % 5 == 0 { 300.0 } else { 0.0 }
+        });
+        let mask = ndarray::Array1::from_shape_fn(rows - 1, |j| if j >= 40 { 1.0f32 } else { 0.0 });
+        let teacher = Teacher::DenseI32F32(DenseRows::new(ids.view(), lps.view()).unwrap());
+        let input = dense_input(&mask, 250, 45, teacher);
+        let cfg = Config::new(20, Some(900), 2, 0.75).unwrap();
+        let cells = mask.len() * cfg.topk;
+        let run = |avx2: bool| {
+            let (mut tokens, mut weights) = (vec![0i64; cells], vec![0f32; cells]);
+            let mut sink = DenseSink {
+                topk: cfg.topk,
+                target_tokens: &mut tokens,
+                weights: &mut weights,
+            };
+            let mut buffer = RowBuffer::new(cfg.topk);
+            let stats = if avx2 {
+                // SAFETY: AVX2 support was checked at the top of the test.
+                unsafe { fill_rows_avx2(0, &input, &cfg, &mut buffer, &mut sink) }
+            } else {
+                fill_rows_body(0, &input, &cfg, &mut buffer, &mut sink)
+            }
+            .unwrap();
+            (
+                tokens,
+                weights.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+                stats.entropy_sum.to_bits(),
+                stats,
+            )
+        };
+        let (portable, vectorized) = (run(false), run(true));
+        assert!(portable.3.distilled_positions > 100 && portable.3.vocab_filtered_ids > 0);
+        assert_eq!(portable, vectorized);
     }
 }

@@ -7,8 +7,9 @@
 
 use crate::buffer::ZeroedBuffer;
 use crate::kernel::{
-    build_csr_batch, build_dense_batch, consulted_teacher_rows, dense_cells, Config, CsrTargets, DatumInput,
-    DenseRows, KernelError, RaggedRows, Stats, Teacher, KERNEL_VERSION, MAX_TOKEN_ID, MAX_TOPK, SENTINEL_LOGPROB,
+    build_csr_batch, build_dense_batch, consulted_teacher_rows, Config, CsrTargets,
+    DatumInput, DenseRows, KernelError, RaggedRows, Stats, Teacher, KERNEL_VERSION, MAX_TOKEN_ID,
+    MAX_TOPK, SENTINEL_LOGPROB,
 };
 use numpy::ndarray::ArrayView2;
 use numpy::{
@@ -32,7 +33,9 @@ fn kernel_error(error: KernelError) -> PyErr {
     PyValueError::new_err(error.to_string())
 }
 
-/// A teacher's list view converted to numbers: only the rows the kernel will read.
+/// A teacher's list view converted to numbers: only the rows the kernel will read. One is reused
+/// for every list-view datum of a batch, so at most one datum's rows are held at a time.
+#[derive(Default)]
 struct GatheredRows {
     num_rows: usize,
     first_row: usize,
@@ -47,7 +50,8 @@ enum TeacherGuard<'py> {
     I32F64(PyReadonlyArray2<'py, i32>, PyReadonlyArray2<'py, f64>),
     I64F32(PyReadonlyArray2<'py, i64>, PyReadonlyArray2<'py, f32>),
     I64F64(PyReadonlyArray2<'py, i64>, PyReadonlyArray2<'py, f64>),
-    Gathered(GatheredRows),
+    /// The list view, converted right before its datum is built.
+    List(Bound<'py, PyList>),
 }
 
 /// Keeps the NumPy borrows alive while the kernel reads the views without the GIL.
@@ -59,28 +63,33 @@ struct DatumGuard<'py> {
 }
 
 impl DatumGuard<'_> {
-    fn view(&self, datum: usize) -> PyResult<DatumInput<'_>> {
+    fn is_list(&self) -> bool {
+        matches!(self.teacher, TeacherGuard::List(_))
+    }
+
+    /// The kernel's view of the datum; a list-view teacher is read from `gathered`.
+    fn view<'a>(&'a self, datum: usize, gathered: &'a GatheredRows) -> PyResult<DatumInput<'a>> {
         let dense_error = |message: String| value_error(datum, message);
         let teacher = match &self.teacher {
             TeacherGuard::Missing => Teacher::Missing,
-            TeacherGuard::I32F32(ids, lps) => {
-                Teacher::DenseI32F32(DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?)
-            }
-            TeacherGuard::I32F64(ids, lps) => {
-                Teacher::DenseI32F64(DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?)
-            }
-            TeacherGuard::I64F32(ids, lps) => {
-                Teacher::DenseI64F32(DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?)
-            }
-            TeacherGuard::I64F64(ids, lps) => {
-                Teacher::DenseI64F64(DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?)
-            }
-            TeacherGuard::Gathered(rows) => Teacher::Ragged(RaggedRows {
-                num_rows: rows.num_rows,
-                first_row: rows.first_row,
-                spans: &rows.spans,
-                ids: &rows.ids,
-                logprobs: &rows.logprobs,
+            TeacherGuard::I32F32(ids, lps) => Teacher::DenseI32F32(
+                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
+            ),
+            TeacherGuard::I32F64(ids, lps) => Teacher::DenseI32F64(
+                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
+            ),
+            TeacherGuard::I64F32(ids, lps) => Teacher::DenseI64F32(
+                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
+            ),
+            TeacherGuard::I64F64(ids, lps) => Teacher::DenseI64F64(
+                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
+            ),
+            TeacherGuard::List(_) => Teacher::Ragged(RaggedRows {
+                num_rows: gathered.num_rows,
+                first_row: gathered.first_row,
+                spans: &gathered.spans,
+                ids: &gathered.ids,
+                logprobs: &gathered.logprobs,
             }),
         };
         Ok(DatumInput {
@@ -94,12 +103,19 @@ impl DatumGuard<'_> {
 
 fn extract_count(datum: usize, name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
     if value.is_instance_of::<PyBool>() {
-        return Err(type_error(datum, format!("{name} must be an int, got bool")));
+        return Err(type_error(
+            datum,
+            format!("{name} must be an int, got bool"),
+        ));
     }
-    let number: i64 = value
-        .extract()
-        .map_err(|_| type_error(datum, format!("{name} must be an int, got {}", type_name(value))))?;
-    usize::try_from(number).map_err(|_| value_error(datum, format!("{name} must be >= 0, got {number}")))
+    let number: i64 = value.extract().map_err(|_| {
+        type_error(
+            datum,
+            format!("{name} must be an int, got {}", type_name(value)),
+        )
+    })?;
+    usize::try_from(number)
+        .map_err(|_| value_error(datum, format!("{name} must be >= 0, got {number}")))
 }
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {
@@ -110,10 +126,19 @@ fn type_name(value: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "<unknown>".to_string())
 }
 
-fn extract_mask<'py>(datum: usize, value: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray1<'py, f32>> {
-    let array = value
-        .cast::<PyArray1<f32>>()
-        .map_err(|_| type_error(datum, format!("mask must be a 1-D float32 numpy array, got {}", describe_array(value))))?;
+fn extract_mask<'py>(
+    datum: usize,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArray1<'py, f32>> {
+    let array = value.cast::<PyArray1<f32>>().map_err(|_| {
+        type_error(
+            datum,
+            format!(
+                "mask must be a 1-D float32 numpy array, got {}",
+                describe_array(value)
+            ),
+        )
+    })?;
     array
         .try_readonly()
         .map_err(|e| value_error(datum, format!("mask cannot be read: {e}")))
@@ -138,16 +163,26 @@ fn extract_dense<'py, A: Element, B: Element>(
     allowed: &str,
     value: &Bound<'py, PyAny>,
 ) -> PyResult<Either2<'py, A, B>> {
-    let untyped = value
-        .cast::<PyUntypedArray>()
-        .map_err(|_| type_error(datum, format!("teacher {name} must be a numpy array, got {}", type_name(value))))?;
+    let untyped = value.cast::<PyUntypedArray>().map_err(|_| {
+        type_error(
+            datum,
+            format!(
+                "teacher {name} must be a numpy array, got {}",
+                type_name(value)
+            ),
+        )
+    })?;
     if untyped.ndim() != 2 {
         return Err(value_error(
             datum,
-            format!("teacher {name} must be 2-D (rows, K), got shape {:?}", untyped.shape()),
+            format!(
+                "teacher {name} must be 2-D (rows, K), got shape {:?}",
+                untyped.shape()
+            ),
         ));
     }
-    let readonly_error = |e: numpy::BorrowError| value_error(datum, format!("teacher {name} cannot be read: {e}"));
+    let readonly_error =
+        |e: numpy::BorrowError| value_error(datum, format!("teacher {name} cannot be read: {e}"));
     if let Ok(array) = value.cast::<PyArray2<A>>() {
         return Ok(Either2::A(array.try_readonly().map_err(readonly_error)?));
     }
@@ -156,16 +191,29 @@ fn extract_dense<'py, A: Element, B: Element>(
     }
     Err(type_error(
         datum,
-        format!("teacher {name} dtype must be {allowed}, got {}", untyped.dtype()),
+        format!(
+            "teacher {name} dtype must be {allowed}, got {}",
+            untyped.dtype()
+        ),
     ))
 }
 
-fn extract_dense_teacher<'py>(datum: usize, pair: &Bound<'py, PyTuple>) -> PyResult<TeacherGuard<'py>> {
+fn extract_dense_teacher<'py>(
+    datum: usize,
+    pair: &Bound<'py, PyTuple>,
+) -> PyResult<TeacherGuard<'py>> {
     if pair.len() != 2 {
-        return Err(type_error(datum, format!("dense teacher must be a (token_ids, logprobs) pair, got a tuple of {}", pair.len())));
+        return Err(type_error(
+            datum,
+            format!(
+                "dense teacher must be a (token_ids, logprobs) pair, got a tuple of {}",
+                pair.len()
+            ),
+        ));
     }
     let ids = extract_dense::<i32, i64>(datum, "token_ids", "int32 or int64", &pair.get_item(0)?)?;
-    let lps = extract_dense::<f32, f64>(datum, "logprobs", "float32 or float64", &pair.get_item(1)?)?;
+    let lps =
+        extract_dense::<f32, f64>(datum, "logprobs", "float32 or float64", &pair.get_item(1)?)?;
     Ok(match (ids, lps) {
         (Either2::A(ids), Either2::A(lps)) => TeacherGuard::I32F32(ids, lps),
         (Either2::A(ids), Either2::B(lps)) => TeacherGuard::I32F64(ids, lps),
@@ -197,17 +245,21 @@ fn gather_list_rows(
     completion_len: usize,
     teacher_prompt_len: usize,
     config: &Config,
-) -> PyResult<GatheredRows> {
+    gathered: &mut GatheredRows,
+) -> PyResult<()> {
     let num_rows = rows.len();
-    let window = consulted_teacher_rows(mask.as_array(), completion_len, teacher_prompt_len, config.skip_first_n);
+    let window = consulted_teacher_rows(
+        mask.as_array(),
+        completion_len,
+        teacher_prompt_len,
+        config.skip_first_n,
+    );
     let window = window.start.min(num_rows)..window.end.min(num_rows);
-    let mut gathered = GatheredRows {
-        num_rows,
-        first_row: window.start,
-        spans: Vec::with_capacity(window.len()),
-        ids: Vec::with_capacity(window.len() * config.topk.min(64)),
-        logprobs: Vec::with_capacity(window.len() * config.topk.min(64)),
-    };
+    gathered.num_rows = num_rows;
+    gathered.first_row = window.start;
+    gathered.spans.clear();
+    gathered.ids.clear();
+    gathered.logprobs.clear();
     for row in window {
         let where_ = |entry: Option<usize>| {
             let at = list_position(mask, row - teacher_prompt_len, row);
@@ -225,28 +277,36 @@ fn gather_list_rows(
         if let Ok(entries) = item.cast::<PyList>() {
             let take = entries.len().min(config.topk);
             for entry in 0..take {
-                let (id, logprob) = extract_entry(&entries.get_item(entry)?)
-                    .map_err(|(is_type, problem)| entry_error(datum, is_type, where_(Some(entry)), problem))?;
+                let (id, logprob) =
+                    extract_entry(&entries.get_item(entry)?).map_err(|(is_type, problem)| {
+                        entry_error(datum, is_type, where_(Some(entry)), problem)
+                    })?;
                 gathered.ids.push(id);
                 gathered.logprobs.push(logprob);
             }
         } else if let Ok(entries) = item.cast::<PyTuple>() {
             let take = entries.len().min(config.topk);
             for entry in 0..take {
-                let (id, logprob) = extract_entry(&entries.get_item(entry)?)
-                    .map_err(|(is_type, problem)| entry_error(datum, is_type, where_(Some(entry)), problem))?;
+                let (id, logprob) =
+                    extract_entry(&entries.get_item(entry)?).map_err(|(is_type, problem)| {
+                        entry_error(datum, is_type, where_(Some(entry)), problem)
+                    })?;
                 gathered.ids.push(id);
                 gathered.logprobs.push(logprob);
             }
         } else {
             return Err(type_error(
                 datum,
-                format!("{}: teacher row must be None or a list of (token_id, logprob) pairs, got {}", where_(None), type_name(&item)),
+                format!(
+                    "{}: teacher row must be None or a list of (token_id, logprob) pairs, got {}",
+                    where_(None),
+                    type_name(&item)
+                ),
             ));
         }
         gathered.spans.push(Some(start..gathered.ids.len()));
     }
-    Ok(gathered)
+    Ok(())
 }
 
 fn entry_error(datum: usize, is_type: bool, at: String, problem: String) -> PyErr {
@@ -259,17 +319,43 @@ fn entry_error(datum: usize, is_type: bool, at: String, problem: String) -> PyEr
 
 /// One `(token_id, logprob)` entry. Errors carry whether they are type errors.
 fn extract_entry(entry: &Bound<'_, PyAny>) -> Result<(i64, f64), (bool, String)> {
-    let not_a_pair = || (true, format!("entry must be a (token_id, logprob) pair, got {}", type_name(entry)));
+    let not_a_pair = || {
+        (
+            true,
+            format!(
+                "entry must be a (token_id, logprob) pair, got {}",
+                type_name(entry)
+            ),
+        )
+    };
     let (id, logprob) = if let Ok(pair) = entry.cast::<PyTuple>() {
         if pair.len() != 2 {
-            return Err((true, format!("entry must be a (token_id, logprob) pair, got a tuple of {}", pair.len())));
+            return Err((
+                true,
+                format!(
+                    "entry must be a (token_id, logprob) pair, got a tuple of {}",
+                    pair.len()
+                ),
+            ));
         }
-        (pair.get_item(0).map_err(|_| not_a_pair())?, pair.get_item(1).map_err(|_| not_a_pair())?)
+        (
+            pair.get_item(0).map_err(|_| not_a_pair())?,
+            pair.get_item(1).map_err(|_| not_a_pair())?,
+        )
     } else if let Ok(pair) = entry.cast::<PyList>() {
         if pair.len() != 2 {
-            return Err((true, format!("entry must be a (token_id, logprob) pair, got a list of {}", pair.len())));
+            return Err((
+                true,
+                format!(
+                    "entry must be a (token_id, logprob) pair, got a list of {}",
+                    pair.len()
+                ),
+            ));
         }
-        (pair.get_item(0).map_err(|_| not_a_pair())?, pair.get_item(1).map_err(|_| not_a_pair())?)
+        (
+            pair.get_item(0).map_err(|_| not_a_pair())?,
+            pair.get_item(1).map_err(|_| not_a_pair())?,
+        )
     } else {
         return Err(not_a_pair());
     };
@@ -279,16 +365,27 @@ fn extract_entry(entry: &Bound<'_, PyAny>) -> Result<(i64, f64), (bool, String)>
     let id = match id.extract::<i64>() {
         Ok(id) => id,
         Err(err) if err.is_instance_of::<PyOverflowError>(id.py()) => {
-            return Err((false, format!("token id {id} is outside [0, {MAX_TOKEN_ID}]")));
+            return Err((
+                false,
+                format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"),
+            ));
         }
-        Err(_) => return Err((true, format!("token id must be an int, got {}", type_name(&id)))),
+        Err(_) => {
+            return Err((
+                true,
+                format!("token id must be an int, got {}", type_name(&id)),
+            ))
+        }
     };
     if logprob.is_instance_of::<PyBool>() {
         return Err((true, "logprob must be a float, got bool".to_string()));
     }
-    let logprob = logprob
-        .extract::<f64>()
-        .map_err(|_| (true, format!("logprob must be a float, got {}", type_name(&logprob))))?;
+    let logprob = logprob.extract::<f64>().map_err(|_| {
+        (
+            true,
+            format!("logprob must be a float, got {}", type_name(&logprob)),
+        )
+    })?;
     Ok((id, logprob))
 }
 
@@ -339,13 +436,21 @@ fn views_into<'py, T: numpy::Element + crate::buffer::Zeroable>(
 ) -> PyResult<Vec<Bound<'py, PyArray2<T>>>> {
     let base = buffer.as_mut_ptr();
     let len = buffer.len();
-    let owner = Bound::new(py, OutputBuffer { storage: wrap(buffer) })?.into_any();
+    let owner = Bound::new(
+        py,
+        OutputBuffer {
+            storage: wrap(buffer),
+        },
+    )?
+    .into_any();
     let mut arrays = Vec::with_capacity(rows.len());
     let mut offset = 0usize;
     for &n in rows {
         let cells = n * topk;
         if offset + cells > len {
-            return Err(PyValueError::new_err("output buffer is smaller than its views (internal error)"));
+            return Err(PyValueError::new_err(
+                "output buffer is smaller than its views (internal error)",
+            ));
         }
         // SAFETY: `offset + cells <= len` elements starting at `base` belong to the buffer now owned
         // by `owner`, which never moves or frees them before it is dropped; `owner` becomes the base
@@ -409,11 +514,9 @@ fn build_topk_batch<'py>(
 
     let mut guards = Vec::with_capacity(datums.len());
     for (index, item) in datums.iter().enumerate() {
-        let fields = item
-            .cast::<PyTuple>()
-            .map_err(|_| type_error(index, "expected a (mask, completion_len, teacher_prompt_len, teacher) tuple"))?;
+        let fields = item.cast::<PyTuple>().map_err(|_| type_error(index, ITEM_SHAPE))?;
         if fields.len() != 4 {
-            return Err(type_error(index, "expected a (mask, completion_len, teacher_prompt_len, teacher) tuple"));
+            return Err(type_error(index, ITEM_SHAPE));
         }
         let mask = extract_mask(index, &fields.get_item(0)?)?;
         let completion_len = extract_count(index, "completion_len", &fields.get_item(1)?)?;
@@ -422,39 +525,58 @@ fn build_topk_batch<'py>(
         let teacher = if teacher.is_none() {
             TeacherGuard::Missing
         } else if let Ok(rows) = teacher.cast::<PyList>() {
-            TeacherGuard::Gathered(gather_list_rows(index, rows, &mask, completion_len, teacher_prompt_len, &config)?)
+            TeacherGuard::List(rows.clone())
         } else if let Ok(pair) = teacher.cast::<PyTuple>() {
             extract_dense_teacher(index, pair)?
         } else {
             return Err(type_error(
                 index,
-                format!("teacher must be None, a list of rows or a (token_ids, logprobs) tuple, got {}", type_name(&teacher)),
+                format!(
+                    "teacher must be None, a list of rows or a (token_ids, logprobs) tuple, got {}",
+                    type_name(&teacher)
+                ),
             ));
         };
         guards.push(DatumGuard { mask, completion_len, teacher_prompt_len, teacher });
     }
-    let inputs = guards
-        .iter()
-        .enumerate()
-        .map(|(index, guard)| guard.view(index))
-        .collect::<PyResult<Vec<_>>>()?;
-    let rows: Vec<usize> = inputs.iter().map(|input| input.mask.len()).collect();
+    let rows: Vec<usize> = guards.iter().map(|guard| guard.mask.as_array().len()).collect();
     let threads = thread_count(threads, rows.iter().sum());
 
+    // Runs of datums with dense (or no) teachers are built in one call each, on several threads;
+    // a list-view datum is converted and built on its own, so the converted rows of only one
+    // datum exist at a time. Runs go in batch order: the first error is the lowest datum's.
+    let mut segments: Vec<Range<usize>> = Vec::new();
+    for (index, guard) in guards.iter().enumerate() {
+        match segments.last_mut() {
+            Some(last) if !guard.is_list() && !guards.get(last.start).is_some_and(DatumGuard::is_list) => {
+                last.end = index + 1
+            }
+            _ => segments.push(index..index + 1),
+        }
+    }
+    let mut gathered = GatheredRows::default();
     let result = PyList::empty(py);
-    let stats = if sparse {
-        let (outputs, stats) = py.detach(|| build_csr_batch(&inputs, &config, threads)).map_err(kernel_error)?;
-        for targets in outputs {
-            result.append(csr_to_python(py, targets)?)?;
+    let mut stats = Stats::default();
+    if sparse {
+        for segment in &segments {
+            prepare_segment(&guards, segment, &config, &mut gathered)?;
+            let inputs = segment_views(&guards, segment, &gathered)?;
+            let (outputs, segment_stats) = py
+                .detach(|| build_csr_batch(&inputs, segment.start, &config, threads))
+                .map_err(kernel_error)?;
+            stats.add(&segment_stats);
+            for targets in outputs {
+                result.append(csr_to_python(py, targets)?)?;
+            }
         }
-        stats
     } else {
-        let mut cells = 0usize;
-        for (index, input) in inputs.iter().enumerate() {
-            cells = cells
-                .checked_add(dense_cells(index, input, config.topk).map_err(kernel_error)?)
-                .ok_or_else(|| PyValueError::new_err("the batch's output is too large"))?;
+        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        offsets.push(0usize);
+        for (index, &n) in rows.iter().enumerate() {
+            let cells = n.checked_mul(config.topk).and_then(|cells| cells.checked_add(offsets[index]));
+            offsets.push(cells.ok_or_else(|| value_error(index, "the (N, topk) output is too large"))?);
         }
+        let cells = offsets.last().copied().unwrap_or(0);
         let (mut target_tokens, mut weights) = py
             .detach(|| {
                 Ok::<_, String>((
@@ -463,20 +585,71 @@ fn build_topk_batch<'py>(
                 ))
             })
             .map_err(PyValueError::new_err)?;
-        let stats = py
-            .detach(|| build_dense_batch(&inputs, &config, target_tokens.as_mut_slice(), weights.as_mut_slice(), threads))
-            .map_err(kernel_error)?;
+        for segment in &segments {
+            prepare_segment(&guards, segment, &config, &mut gathered)?;
+            let inputs = segment_views(&guards, segment, &gathered)?;
+            let block = offsets[segment.start]..offsets[segment.end];
+            let (Some(tokens_block), Some(weights_block)) = (
+                target_tokens.as_mut_slice().get_mut(block.clone()),
+                weights.as_mut_slice().get_mut(block),
+            ) else {
+                return Err(PyValueError::new_err("output blocks out of range (internal error)"));
+            };
+            let segment_stats = py
+                .detach(|| {
+                    build_dense_batch(&inputs, segment.start, &config, tokens_block, weights_block, threads)
+                })
+                .map_err(kernel_error)?;
+            stats.add(&segment_stats);
+        }
         let token_arrays = views_into(py, target_tokens, OutputStorage::TargetTokens, &rows, config.topk)?;
         let weight_arrays = views_into(py, weights, OutputStorage::Weights, &rows, config.topk)?;
         for (tokens, weights) in token_arrays.into_iter().zip(weight_arrays) {
             result.append((tokens, weights))?;
         }
-        stats
-    };
-    drop(inputs);
-    drop(guards);
+    }
     Ok((result, stats_dict(py, &stats)?))
 }
+
+/// Converts the list-view teacher of a one-datum list segment into `gathered`.
+fn prepare_segment(
+    guards: &[DatumGuard<'_>],
+    segment: &Range<usize>,
+    config: &Config,
+    gathered: &mut GatheredRows,
+) -> PyResult<()> {
+    if let Some(guard) = guards.get(segment.start) {
+        if let TeacherGuard::List(list) = &guard.teacher {
+            gather_list_rows(
+                segment.start,
+                list,
+                &guard.mask,
+                guard.completion_len,
+                guard.teacher_prompt_len,
+                config,
+                gathered,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn segment_views<'a>(
+    guards: &'a [DatumGuard<'_>],
+    segment: &Range<usize>,
+    gathered: &'a GatheredRows,
+) -> PyResult<Vec<DatumInput<'a>>> {
+    let Some(segment_guards) = guards.get(segment.clone()) else {
+        return Err(PyValueError::new_err("segment out of range (internal error)"));
+    };
+    segment_guards
+        .iter()
+        .zip(segment.clone())
+        .map(|(guard, index)| guard.view(index, gathered))
+        .collect()
+}
+
+const ITEM_SHAPE: &str = "expected a (mask, completion_len, teacher_prompt_len, teacher) tuple";
 
 #[pymodule]
 fn _kernel(m: &Bound<'_, PyModule>) -> PyResult<()> {

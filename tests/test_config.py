@@ -288,7 +288,7 @@ def test_yaml_syntax_errors_and_non_mappings(tmp_path: Path) -> None:
     assert error_of(tmp_path, "- a\n- b\n") == (
         f"{tmp_path / 'config.yaml'}: the config must be a mapping of keys, got list"
     )
-    with pytest.raises(FileNotFoundError, match="config file not found: .*missing.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"config file not found: .*missing\.yaml"):
         load_config(tmp_path / "missing.yaml")
 
 

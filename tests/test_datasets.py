@@ -348,7 +348,9 @@ def test_hf_errors_name_the_row(tmp_path: Path) -> None:
     datasets.Dataset.from_list([*ROWS, {"instruction": "", "output": "x"}]).save_to_disk(
         str(tmp_path / "ds")
     )
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}/ds: row 3: instruction is empty"):
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(tmp_path))}/ds: row 3: instruction is empty"
+    ):
         load_hf_examples(tmp_path / "ds", fields=MAPPING)
     with pytest.raises(FileNotFoundError, match="HF dataset directory not found"):
         load_hf_examples(tmp_path / "nope", fields=MAPPING)

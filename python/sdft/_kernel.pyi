@@ -19,7 +19,9 @@ SENTINEL_LOGPROB: float
 """Log-prob of an empty cell in Tinker's dense top-K arrays (with token id 0)."""
 
 ListViewRows: TypeAlias = list[list[tuple[int, float]] | tuple[tuple[int, float], ...] | None]
-DenseTeacher: TypeAlias = tuple[npt.NDArray[np.int32 | np.int64], npt.NDArray[np.float32 | np.float64]]
+DenseTeacher: TypeAlias = tuple[
+    npt.NDArray[np.int32 | np.int64], npt.NDArray[np.float32 | np.float64]
+]
 DatumItem: TypeAlias = tuple[npt.NDArray[np.float32], int, int, ListViewRows | DenseTeacher | None]
 DenseOutput: TypeAlias = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
 CsrOutput: TypeAlias = tuple[

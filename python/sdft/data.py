@@ -120,7 +120,9 @@ def messages_to_model_input(
         encoded = encoded["input_ids"]
     if len(encoded) > 0 and isinstance(encoded[0], (list, tuple)):
         if len(encoded) != 1:
-            raise ValueError(f"chat template produced a batch of {len(encoded)} sequences, expected 1")
+            raise ValueError(
+                f"chat template produced a batch of {len(encoded)} sequences, expected 1"
+            )
         encoded = encoded[0]
     return tinker.ModelInput.from_ints([int(token) for token in encoded])
 
@@ -221,9 +223,7 @@ def student_datum_from_rollout(
         raise ValueError("prompt must contain at least one token")
     n = p + c - 1
     if c >= 2:
-        model_input = prompt.append(
-            tinker.EncodedTextChunk(tokens=completion[:-1].tolist())
-        )
+        model_input = prompt.append(tinker.EncodedTextChunk(tokens=completion[:-1].tolist()))
     elif c == 1:
         model_input = prompt
     else:
@@ -245,7 +245,9 @@ def student_datum_from_rollout(
             )
         if not np.all(np.isfinite(sampled)):
             bad = int(np.flatnonzero(~np.isfinite(sampled))[0])
-            raise ValueError(f"completion_logprobs[{bad}] is {sampled[bad]}; log-probs must be finite")
+            raise ValueError(
+                f"completion_logprobs[{bad}] is {sampled[bad]}; log-probs must be finite"
+            )
         logprobs = np.zeros(n, dtype=np.float32)
         logprobs[p - 1 :] = sampled
         loss_fn_inputs["logprobs"] = tinker.TensorData(data=logprobs, dtype="float32", shape=[n])
@@ -470,7 +472,12 @@ def build_topk_targets(
         completion_len, teacher_prompt_len = _slice_fields(index, completion_slice)
         truncated_count += bool(getattr(completion_slice, "truncated", False))
         items.append(
-            (_mask(datum, index), completion_len, teacher_prompt_len, _kernel_teacher(index, teacher))
+            (
+                _mask(datum, index),
+                completion_len,
+                teacher_prompt_len,
+                _kernel_teacher(index, teacher),
+            )
         )
     outputs, stats = _kernel.build_topk_batch(
         items,
@@ -488,7 +495,9 @@ def build_topk_targets(
     return datums, _topk_metrics(stats, len(datums), topk, truncated_count)
 
 
-def _topk_datum(model_input: tinker.ModelInput, output: tuple, topk: int, sparse: bool) -> tinker.Datum:
+def _topk_datum(
+    model_input: tinker.ModelInput, output: tuple, topk: int, sparse: bool
+) -> tinker.Datum:
     rows = model_input.length
     if sparse:
         crow, col, token_values, weight_values = output
@@ -640,11 +649,15 @@ def build_importance_sampling_datums(
     mask_total = 0.0
     advantage_sum = teacher_sum = student_sum = 0.0
     positions_with_advantage = 0
-    for index, (datum, completion_slice) in enumerate(zip(student_data, completion_slices, strict=True)):
+    for index, (datum, completion_slice) in enumerate(
+        zip(student_data, completion_slices, strict=True)
+    ):
         mask = _mask(datum, index)
         targets = _loss_input(datum, f"datum {index}", "target_tokens").astype(np.int64, copy=False)
         completion_len, teacher_prompt_len = _slice_fields(index, completion_slice)
-        teacher_prompt_len = _non_negative_int(f"datum {index}: teacher_prompt_len", teacher_prompt_len)
+        teacher_prompt_len = _non_negative_int(
+            f"datum {index}: teacher_prompt_len", teacher_prompt_len
+        )
         truncated_count += bool(getattr(completion_slice, "truncated", False))
         positions = np.flatnonzero(mask > 0)
         n = min(completion_len, positions.size)
@@ -689,7 +702,9 @@ def build_importance_sampling_datums(
                 model_input=datum.model_input,
                 loss_fn_inputs={
                     "target_tokens": tinker.TensorData(data=targets, dtype="int64", shape=[size]),
-                    "logprobs": tinker.TensorData(data=sampled_logprobs, dtype="float32", shape=[size]),
+                    "logprobs": tinker.TensorData(
+                        data=sampled_logprobs, dtype="float32", shape=[size]
+                    ),
                     "advantages": tinker.TensorData(data=advantages, dtype="float32", shape=[size]),
                 },
             )
@@ -705,4 +720,3 @@ def build_importance_sampling_datums(
     metrics["sdft/num_datums"] = float(len(datums))
     metrics["sdft/advantage_positions"] = float(positions_with_advantage)
     return datums, metrics
-

@@ -68,7 +68,9 @@ def reverse_kl_custom_loss(
         log_p = masked - torch.logsumexp(masked, dim=-1, keepdim=True)
         log_p = torch.where(valid, log_p, torch.zeros_like(log_p))
         p = torch.where(valid, log_p.exp(), torch.zeros_like(log_p))
-        log_q = torch.where(valid, weights.to(log_p.dtype).clamp_min(1e-30).log(), torch.zeros_like(log_p))
+        log_q = torch.where(
+            valid, weights.to(log_p.dtype).clamp_min(1e-30).log(), torch.zeros_like(log_p)
+        )
         advantage = (log_p - log_q).detach()
         datum_loss = (p * advantage).sum()
         total = datum_loss if total is None else total + datum_loss
@@ -78,7 +80,10 @@ def reverse_kl_custom_loss(
             positions += int(position_valid.sum())
 
     assert total is not None
-    metrics = {"sdft/reverse_kl_loss": float(total.detach()), "sdft/reverse_kl_positions": float(positions)}
+    metrics = {
+        "sdft/reverse_kl_loss": float(total.detach()),
+        "sdft/reverse_kl_positions": float(positions),
+    }
     if positions > 0:
         metrics["sdft/reverse_kl_mean"] = kl_sum / positions
         metrics["sdft/student_entropy_mean"] = entropy_sum / positions

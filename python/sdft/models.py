@@ -259,9 +259,18 @@ def _cache_lock(target: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+# Bump when the GGUF conversion changes so existing converted copies are redone.
+_GGUF_RECIPE_VERSION = 2
+
+
 def _source_stamp(path: Path) -> dict[str, Any]:
     stat = path.stat()
-    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "source": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "recipe": _GGUF_RECIPE_VERSION,
+    }
 
 
 def _read_stamp(directory: Path) -> dict[str, Any] | None:
@@ -283,9 +292,11 @@ def _ensure_gguf_converted(gguf: Path, cache_name: str) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
         with atomic_directory(target) as tmp:
             _save_plain_model(model, tmp)
@@ -303,6 +314,9 @@ def _save_plain_model(model: PreTrainedModel, directory: Path) -> None:
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
     clean = type(model.config).from_dict(config)
+    # GGUF-loaded configs carry no architecture name; tools that build a model from the
+    # directory (e.g. AutoConfig-driven loaders) need it.
+    clean.architectures = [type(model).__name__]
     clean.save_pretrained(directory)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(directory)
@@ -333,7 +347,9 @@ def _tokenizer_source_for_tiny() -> Path:
         if _read_stamp(target) != stamp:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
             with atomic_directory(target) as tmp:
                 tokenizer.save_pretrained(tmp)
                 write_json(tmp / "sdft_source.json", stamp)
@@ -351,7 +367,9 @@ def _ensure_tiny_random() -> Path:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source_for_tiny(), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            _tokenizer_source_for_tiny(), local_files_only=True
+        )
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,

@@ -83,7 +83,9 @@ def reference_topk_targets(
                 continue
             renormalized = _renormalize([float(logprob) for _, logprob in kept])
             probabilities = [math.exp(lp) for lp in renormalized]
-            entropy_sum += -sum(p * lp for p, lp in zip(probabilities, renormalized, strict=True) if p > 0)
+            entropy_sum += -sum(
+                p * lp for p, lp in zip(probabilities, renormalized, strict=True) if p > 0
+            )
             student_row = positions[t]
             for k, ((token_id, _), p) in enumerate(zip(kept, probabilities, strict=True)):
                 target_tokens[student_row][k] = int(token_id)

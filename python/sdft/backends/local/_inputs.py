@@ -84,6 +84,9 @@ class PreparedDatum:
     def length(self) -> int:
         return int(self.tokens.shape[0])
 
+    def values_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {key: value.to(device) for key, value in self.values.items()}
+
 
 def _dense(datum_index: int, key: str, tensor: Any, expected_dtype: str) -> np.ndarray:
     where = f"datum {datum_index}: loss_fn_inputs[{key!r}]"
@@ -207,8 +210,14 @@ def loss_config(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, flo
                 f"loss_fn_config key {key!r} is not understood by loss_fn {loss_fn!r} "
                 f"(accepted: {accepted})"
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise LocalBadRequestError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise LocalBadRequestError(
+                f"loss_fn_config[{key!r}] must be a finite number, got {value!r}"
+            )
         resolved[key] = float(value)
     return resolved
 
@@ -402,7 +411,9 @@ def _target_prompt_ids(target: Any, length: int, vocab_size: int) -> torch.Tenso
             f"target_prompt_logprobs must be a TensorData, got {type(target).__name__}"
         )
     if target.dtype != "int64":
-        raise LocalBadRequestError(f"target_prompt_logprobs has dtype {target.dtype}, expected int64")
+        raise LocalBadRequestError(
+            f"target_prompt_logprobs has dtype {target.dtype}, expected int64"
+        )
     ids = target.to_torch(pad_value=-1)
     if ids.ndim != 2 or ids.shape[0] != length - 1:
         raise LocalBadRequestError(
@@ -435,7 +446,9 @@ def parse_adam_params(optim_params: Any, adam_params: Any) -> types.AdamParams:
         if not math.isfinite(value):
             raise LocalBadRequestError(f"AdamParams.{key} must be finite, got {value}")
     if chosen.learning_rate < 0:
-        raise LocalBadRequestError(f"AdamParams.learning_rate must be >= 0, got {chosen.learning_rate}")
+        raise LocalBadRequestError(
+            f"AdamParams.learning_rate must be >= 0, got {chosen.learning_rate}"
+        )
     for key in ("beta1", "beta2"):
         value = getattr(chosen, key)
         if not (0.0 <= value < 1.0):
@@ -443,4 +456,3 @@ def parse_adam_params(optim_params: Any, adam_params: Any) -> types.AdamParams:
     if chosen.eps < 0 or chosen.weight_decay < 0 or chosen.grad_clip_norm < 0:
         raise LocalBadRequestError("AdamParams.eps, weight_decay and grad_clip_norm must be >= 0")
     return chosen
-

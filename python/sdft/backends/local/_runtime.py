@@ -100,8 +100,10 @@ class ModelRuntime:
         self.head = hf_model.get_output_embeddings()
         if self.head is None:
             raise ValueError(f"{base_model}: the model has no output embedding (lm_head)")
-        self.vocab_size = int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else int(
-            self.config.vocab_size
+        self.vocab_size = (
+            int(self.head.weight.shape[0])
+            if hasattr(self.head, "weight")
+            else int(self.config.vocab_size)
         )
         self.max_context = max_context_length(self.config)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -188,7 +190,10 @@ class ModelRuntime:
 def _eos_tokens(hf_model: Any, tokenizer: Any, vocab_size: int) -> frozenset[int]:
     ids: set[int] = set()
     generation = getattr(hf_model, "generation_config", None)
-    for source in (getattr(generation, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for source in (
+        getattr(generation, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):
@@ -288,6 +293,8 @@ def make_lora_module(
         # Adapting a tied lm_head is deliberate: the adapter only changes the output projection.
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        # peft notes that the config names the resolved directory; the name is set back below.
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
         if seed is not None:
             torch.manual_seed(seed)
         module = get_peft_model(shared, config)

@@ -43,7 +43,9 @@ class SerialWorker:
         self._closed = False
         self._lock = threading.Lock()
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> AwaitableConcurrentFuture[T]:
+    def submit(
+        self, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> AwaitableConcurrentFuture[T]:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"worker {self.name} is closed (the service client was closed)")

@@ -1,0 +1,426 @@
+"""``LocalServiceClient``: Tinker's ``ServiceClient`` contract, in-process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
+
+from sdft.backends.local import _checkpoints as ckpt
+from sdft.backends.local._errors import CorruptCheckpointError, LocalBadRequestError
+from sdft.backends.local._runtime import (
+    ModelRuntime,
+    WeightView,
+    base_tokenizer,
+    load_base_module,
+    lora_target_modules,
+    make_lora_module,
+    pick_device,
+    trainable_copy,
+)
+from sdft.backends.local._sampling import LocalSamplingClient
+from sdft.backends.local._training import LocalTrainingClient, LoraSettings
+from sdft.backends.local._worker import SerialWorker, done_future, failed_future
+from sdft.models import cache_root, parse_dtype
+
+DEFAULT_LORA_ALPHA = 32.0
+
+
+class LocalServiceClient:
+    """Creates training and sampling clients that run in this process.
+
+    ``checkpoint_root``: where ``save_state`` / ``save_weights_for_sampler`` write (default
+    ``<sdft cache>/checkpoints``). ``device``: ``"auto"`` (CUDA when available), ``"cpu"``,
+    ``"cuda"``. ``dtype``: weights of loaded models (``"float32"``, ``"bfloat16"``, ``"float16"``).
+    ``lora_alpha``: LoRA scale numerator (scale = alpha / rank; Tinker's is not published, 32 is
+    the cookbook's export default). ``tempered_logprobs``: report sampled-token log-probs under the
+    distribution actually sampled (temperature / top-k / top-p) instead of the raw model (T = 1,
+    what the Tinker service reportedly returns). ``train_batch_tokens``: padded tokens per training
+    forward (a ``forward_backward`` call with more is split into micro-batches).
+    """
+
+    def __init__(
+        self,
+        checkpoint_root: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "float32",
+        lora_alpha: float = DEFAULT_LORA_ALPHA,
+        tempered_logprobs: bool = False,
+        train_batch_tokens: int = 4096,
+    ) -> None:
+        self.checkpoint_root = (
+            Path(checkpoint_root).expanduser()
+            if checkpoint_root is not None
+            else cache_root() / "checkpoints"
+        )
+        self.device = pick_device(device)
+        self.dtype = parse_dtype(dtype)
+        if not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {lora_alpha}")
+        self.lora_alpha = float(lora_alpha)
+        self.tempered_logprobs = bool(tempered_logprobs)
+        if not isinstance(train_batch_tokens, int) or train_batch_tokens < 1:
+            raise ValueError(
+                f"train_batch_tokens must be a positive int, got {train_batch_tokens!r}"
+            )
+        self.train_batch_tokens = train_batch_tokens
+        self._worker = SerialWorker("service")
+        self._lock = threading.Lock()
+        self._base_modules: dict[str, torch.nn.Module] = {}
+        self._base_runtimes: dict[str, ModelRuntime] = {}
+        self._runtimes: list[ModelRuntime] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"LocalServiceClient(device={self.device}, dtype={self.dtype}, checkpoint_root={self.checkpoint_root})"
+
+    def __enter__(self) -> LocalServiceClient:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close("success" if exc_type is None else "errored")
+
+    # --- training clients -----------------------------------------------------------------------
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: dict[str, str] | None = None,
+        optimizer: Any = None,
+    ) -> AwaitableConcurrentFuture[LocalTrainingClient]:
+        """A LoRA student on ``base_model`` (adapters on attention, MLP and/or the unembedding,
+        initialized from ``seed``; B = 0 so it starts as the base model)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            return failed_future(LocalBadRequestError(f"rank must be a positive int, got {rank!r}"))
+        if not (train_mlp or train_attn or train_unembed):
+            return failed_future(
+                LocalBadRequestError(
+                    "at least one of train_mlp, train_attn, train_unembed must be True"
+                )
+            )
+        try:
+            _check_optimizer(optimizer)
+        except LocalBadRequestError as exc:
+            return failed_future(exc)
+
+        def create() -> LocalTrainingClient:
+            base = self._base_module(base_model)
+            targets = lora_target_modules(
+                base, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
+            )
+            settings = LoraSettings(
+                rank=rank,
+                alpha=self.lora_alpha,
+                seed=seed,
+                train_mlp=train_mlp,
+                train_attn=train_attn,
+                train_unembed=train_unembed,
+                target_modules=tuple(targets),
+            )
+            return self._lora_client(base_model, settings, user_metadata)
+
+        return self._worker.submit(create)
+
+    def create_full_training_client(
+        self, base_model: str, seed: int | None = None, user_metadata: dict[str, str] | None = None
+    ) -> AwaitableConcurrentFuture[LocalTrainingClient]:
+        """Local extra: full fine-tuning (every weight trainable, starting from ``base_model``).
+        There is no random initialization; ``seed`` is recorded in checkpoint metadata."""
+
+        def create() -> LocalTrainingClient:
+            return self._full_client(base_model, seed, user_metadata)
+
+        return self._worker.submit(create)
+
+    def create_training_client_from_state(
+        self,
+        path: str,
+        base_model: str | None = None,
+        user_metadata: dict[str, str] | None = None,
+        weights_access_token: str | None = None,
+        optimizer: Any = None,
+    ) -> AwaitableConcurrentFuture[LocalTrainingClient]:
+        """A training client with the checkpoint's weights and a fresh optimizer."""
+        try:
+            _check_optimizer(optimizer)
+        except LocalBadRequestError as exc:
+            return failed_future(exc)
+        return self._from_state(path, base_model, user_metadata, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(
+        self,
+        path: str,
+        base_model: str | None = None,
+        user_metadata: dict[str, str] | None = None,
+        weights_access_token: str | None = None,
+    ) -> AwaitableConcurrentFuture[LocalTrainingClient]:
+        """A training client with the checkpoint's weights and AdamW state (exact resume)."""
+        return self._from_state(path, base_model, user_metadata, with_optimizer=True)
+
+    def _from_state(
+        self,
+        path: str,
+        base_model: str | None,
+        user_metadata: dict[str, str] | None,
+        *,
+        with_optimizer: bool,
+    ) -> AwaitableConcurrentFuture[LocalTrainingClient]:
+        try:
+            directory = ckpt.resolve_path(self.checkpoint_root, path)
+        except LocalBadRequestError as exc:
+            return failed_future(exc)
+
+        def create() -> LocalTrainingClient:
+            shown = str(path)
+            meta = ckpt.read_meta(directory, shown)
+            model = meta["base_model"]
+            if base_model is not None and base_model != model:
+                raise LocalBadRequestError(
+                    f"checkpoint {shown} was trained from {model!r}, not {base_model!r}"
+                )
+            metadata = {**meta.get("user_metadata", {}), **(user_metadata or {})}
+            if meta["training"] == "lora":
+                settings = _lora_settings(meta, shown)
+                client = self._lora_client(model, settings, metadata)
+            elif meta["training"] == "full":
+                client = self._full_client(model, meta.get("seed"), metadata)
+            else:
+                raise CorruptCheckpointError(
+                    f"checkpoint {shown}: unknown training {meta['training']!r}"
+                )
+            client.runtime.worker.submit(
+                client.load_weights_from, directory, shown, with_optimizer=with_optimizer
+            ).result()
+            return client
+
+        return self._worker.submit(create)
+
+    def _lora_client(
+        self, base_model: str, settings: LoraSettings, user_metadata: dict[str, str] | None
+    ) -> LocalTrainingClient:
+        base = self._base_module(base_model)
+        module = make_lora_module(
+            base,
+            rank=settings.rank,
+            alpha=settings.alpha,
+            seed=settings.seed,
+            target_modules=list(settings.target_modules),
+            base_model_name=base_model,
+        )
+        runtime = self._runtime(module, base_model, label="lora")
+        return LocalTrainingClient(
+            self,
+            runtime,
+            base_model=base_model,
+            lora=settings,
+            seed=settings.seed,
+            user_metadata=user_metadata,
+        )
+
+    def _full_client(
+        self, base_model: str, seed: int | None, user_metadata: dict[str, str] | None
+    ) -> LocalTrainingClient:
+        module = trainable_copy(self._base_module(base_model))
+        module.eval()
+        runtime = self._runtime(module, base_model, label="full")
+        return LocalTrainingClient(
+            self, runtime, base_model=base_model, lora=None, seed=seed, user_metadata=user_metadata
+        )
+
+    def check_compatible(
+        self, meta: dict[str, Any], client: LocalTrainingClient, shown: str
+    ) -> None:
+        """Raise unless checkpoint ``meta`` can be loaded into ``client``."""
+        if meta["base_model"] != client.base_model:
+            raise LocalBadRequestError(
+                f"checkpoint {shown} was trained from {meta['base_model']!r}, this client trains "
+                f"{client.base_model!r}"
+            )
+        kind = "lora" if client.lora else "full"
+        if meta["training"] != kind:
+            raise LocalBadRequestError(
+                f"checkpoint {shown} holds {meta['training']} weights, this client is {kind}"
+            )
+        if client.lora and not _same_adapter(_lora_settings(meta, shown), client.lora):
+            raise LocalBadRequestError(
+                f"checkpoint {shown}: its LoRA settings differ from this client's"
+            )
+
+    # --- sampling clients -------------------------------------------------------------------------
+
+    def create_sampling_client(
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: Any = None,
+        record_stability_info: bool = False,
+    ) -> AwaitableConcurrentFuture[LocalSamplingClient]:
+        """A sampler on a checkpoint (``model_path``) or on the base weights of ``base_model``."""
+        if model_path is None and base_model is None:
+            raise ValueError("Either model_path or base_model must be provided")
+        if model_path is None:
+            assert base_model is not None
+
+            def create_base() -> LocalSamplingClient:
+                return LocalSamplingClient(
+                    self._base_runtime(base_model),
+                    WeightView(label="base"),
+                    base_model=base_model,
+                    tempered_logprobs=self.tempered_logprobs,
+                )
+
+            return self._worker.submit(create_base)
+        try:
+            directory = ckpt.resolve_path(self.checkpoint_root, model_path)
+        except LocalBadRequestError as exc:
+            return failed_future(exc)
+
+        def create_from_checkpoint() -> LocalSamplingClient:
+            shown = str(model_path)
+            meta = ckpt.read_meta(directory, shown)
+            model = meta["base_model"]
+            if base_model is not None and base_model != model:
+                raise LocalBadRequestError(
+                    f"checkpoint {shown} was trained from {model!r}, not {base_model!r}"
+                )
+            base = self._base_module(model)
+            if meta["training"] == "lora":
+                settings = _lora_settings(meta, shown)
+                module = make_lora_module(
+                    base,
+                    rank=settings.rank,
+                    alpha=settings.alpha,
+                    seed=None,
+                    target_modules=list(settings.target_modules),
+                    base_model_name=model,
+                )
+                for param in module.parameters():
+                    param.requires_grad_(False)
+                ckpt.load_lora_weights(module, directory, shown)
+            elif meta["training"] == "full":
+                module = trainable_copy(base)
+                for param in module.parameters():
+                    param.requires_grad_(False)
+                ckpt.load_full_weights(module, directory, shown)
+            else:
+                raise CorruptCheckpointError(
+                    f"checkpoint {shown}: unknown training {meta['training']!r}"
+                )
+            runtime = self._runtime(module, model, label="checkpoint")
+            return LocalSamplingClient(
+                runtime,
+                WeightView(label="checkpoint"),
+                base_model=model,
+                model_path=shown,
+                tempered_logprobs=self.tempered_logprobs,
+            )
+
+        return self._worker.submit(create_from_checkpoint)
+
+    # --- shared models ----------------------------------------------------------------------------
+
+    def _base_module(self, name: str) -> torch.nn.Module:
+        """The frozen base model ``name`` (loaded once per service client)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the LocalServiceClient is closed")
+            module = self._base_modules.get(name)
+        if module is None:
+            module = load_base_module(name, device=self.device, dtype=self.dtype)
+            with self._lock:
+                module = self._base_modules.setdefault(name, module)
+        return module
+
+    def _base_runtime(self, name: str) -> ModelRuntime:
+        runtime = self._base_runtimes.get(name)
+        if runtime is None:
+            runtime = self._runtime(self._base_module(name), name, label="base")
+            self._base_runtimes[name] = runtime
+        return runtime
+
+    def _runtime(self, module: torch.nn.Module, base_model: str, *, label: str) -> ModelRuntime:
+        runtime = ModelRuntime(
+            module,
+            base_model=base_model,
+            tokenizer=base_tokenizer(base_model),
+            device=self.device,
+            label=label,
+        )
+        with self._lock:
+            self._runtimes.append(runtime)
+        return runtime
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def close(
+        self, status: str = "success", detail: str | None = None
+    ) -> AwaitableConcurrentFuture[None]:
+        """Stop every worker of this service client (pending requests are cancelled)."""
+        with self._lock:
+            self._closed = True
+            runtimes, self._runtimes = self._runtimes, []
+        for runtime in runtimes:
+            runtime.close()
+        self._worker.close()
+        return done_future(None)
+
+    # --- deprecated Tinker shims (``await`` gives the client itself) -------------------------------
+
+    async def create_lora_training_client_async(
+        self, *args: Any, **kwargs: Any
+    ) -> LocalTrainingClient:
+        return await self.create_lora_training_client(*args, **kwargs)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> LocalSamplingClient:
+        return await self.create_sampling_client(*args, **kwargs)
+
+    async def create_training_client_from_state_async(
+        self, *args: Any, **kwargs: Any
+    ) -> LocalTrainingClient:
+        return await self.create_training_client_from_state(*args, **kwargs)
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, *args: Any, **kwargs: Any
+    ) -> LocalTrainingClient:
+        return await self.create_training_client_from_state_with_optimizer(*args, **kwargs)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if optimizer is None:
+        return
+    if getattr(optimizer, "type", None) != "adamw":
+        raise LocalBadRequestError(
+            f"the local backend trains with AdamW; optimizer config type "
+            f"{getattr(optimizer, 'type', type(optimizer).__name__)!r} is not supported"
+        )
+
+
+def _lora_settings(meta: dict[str, Any], shown: str) -> LoraSettings:
+    lora = meta.get("lora")
+    try:
+        return LoraSettings(
+            rank=int(lora["rank"]),
+            alpha=float(lora["alpha"]),
+            seed=lora["seed"],
+            train_mlp=bool(lora["train_mlp"]),
+            train_attn=bool(lora["train_attn"]),
+            train_unembed=bool(lora["train_unembed"]),
+            target_modules=tuple(lora["target_modules"]),
+        )
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: LoRA settings unreadable ({exc})"
+        ) from exc
+
+
+def _same_adapter(a: LoraSettings, b: LoraSettings) -> bool:
+    return (a.rank, a.alpha, a.target_modules) == (b.rank, b.alpha, b.target_modules)

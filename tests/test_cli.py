@@ -1,0 +1,254 @@
+"""The ``sdft`` command: train, validate, eval, compare; one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdft.cli import main
+from sdft.runlog import RunLog
+from test_loop import write_config
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_then_eval_then_compare(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path, params={"max_steps": 2, "save_every": 1})
+    code, out, err = run(capsys, "train", str(config), "--no-progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "Status:    completed" in lines
+    assert "Steps:     2/2" in lines
+    assert any(line.startswith("Loss:      train/mean_loss ") for line in lines)
+    assert any(line.startswith("Metric:    val/val/pass@1 ") for line in lines)
+    assert any(line.startswith("Metric:    test/final/pass@1 ") for line in lines)
+    assert f"Summary:   {tmp_path / 'out' / 'summary.md'}" in lines
+
+    code, out, err = run(capsys, "eval", str(config), "--no-progress")
+    assert code == 0, err
+    base = tmp_path / "out" / "eval" / "base"
+    assert "Evaluated: base (step 0)" in out
+    assert sorted(p.name for p in (base / "predictions").iterdir()) == [
+        "final.jsonl",
+        "final.step0.jsonl",
+        "val.jsonl",
+        "val.step0.jsonl",
+    ]
+    assert [(r["step"], r["split"]) for r in RunLog(base).read_metrics()] == [
+        (0, "val"),
+        (0, "test"),
+    ]
+
+    code, out, err = run(capsys, "eval", str(config), "--checkpoint", "last", "--no-progress")
+    assert code == 0, err
+    assert "Evaluated: 000002 (step 2)" in out
+    rows = RunLog(tmp_path / "out" / "eval" / "000002").read_metrics()
+    assert [(r["step"], sorted(r["metrics"])) for r in rows] == [
+        (2, ["val/val/pass@1"]),
+        (2, ["test/final/pass@1"]),
+    ]
+    # The checkpoint is the trained model: its greedy answers equal the run's own final eval.
+    trained = (tmp_path / "out" / "predictions" / "val.jsonl").read_text()
+    assert (
+        tmp_path / "out" / "eval" / "000002" / "predictions" / "val.jsonl"
+    ).read_text() == trained
+
+    code, out, err = run(
+        capsys, "eval", str(config), "--checkpoint", "000001", "--output", str(tmp_path / "e1")
+    )
+    assert code == 0, err
+    assert (tmp_path / "e1" / "predictions" / "val.step1.jsonl").is_file()
+
+    code, out, err = run(
+        capsys,
+        "compare",
+        str(tmp_path / "out"),
+        str(tmp_path / "out"),
+        "--labels",
+        "a",
+        "b",
+        "--output",
+        str(tmp_path / "cmp"),
+    )
+    assert code == 0, err
+    assert out.startswith("| run | steps | final train/mean_loss |")
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "cmp" / "comparison.md").read_text() in out
+
+
+def test_max_steps_override_and_refusal_of_an_existing_run(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path, params={"max_steps": 5}, benchmarks=[])
+    code, out, _ = run(capsys, "train", str(config), "--max-steps", "1", "--no-progress")
+    assert code == 0 and "Steps:     1/1" in out
+    code, out, err = run(capsys, "train", str(config), "--no-progress")
+    assert code == 2 and out == ""
+    assert err.startswith(f"sdft: error: output_dir {tmp_path / 'out'} already holds a run (")
+    assert err.endswith("pass --resume to continue it or --overwrite to delete it and start over\n")
+    code, out, _ = run(
+        capsys, "train", str(config), "--max-steps", "2", "--resume", "--no-progress"
+    )
+    assert code == 0 and "Steps:     2/2" in out
+    code, _, err = run(capsys, "train", str(config), "--max-steps", "0")
+    assert (code, err) == (2, "sdft: error: --max-steps must be >= 1, got 0\n")
+
+
+def test_errors_are_one_line_with_exit_status_2(tmp_path: Path, capsys) -> None:
+    code, out, err = run(capsys, "train", str(tmp_path / "nope.yaml"))
+    assert (code, out, err) == (
+        2,
+        "",
+        f"sdft: error: config file not found: {tmp_path / 'nope.yaml'}\n",
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {path: x}\noutput_dir: o\nalgorithm: {params: {topk: -1}}\n")
+    code, _, err = run(capsys, "train", str(bad))
+    assert (code, err) == (
+        2,
+        f"sdft: error: {bad}:3: algorithm.params.topk: must be greater than or equal to 0\n",
+    )
+    code, _, err = run(capsys, "eval", str(write_config(tmp_path)), "--checkpoint", "999999")
+    assert code == 2 and "checkpoint '999999' is neither in" in err and "Traceback" not in err
+
+
+def test_validate_checklist(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path)
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"[ok  ] config               {config} (schema valid)"
+    assert lines[1].startswith("[ok  ] data                 5 examples (jsonl) from ")
+    assert lines[2] == "[ok  ] templates            render with example 'train:1'"
+    assert lines[3].startswith("[ok  ] benchmark val        2 tasks, pass@1, every 2 steps")
+    assert lines[4].startswith("[ok  ] benchmark final      1 tasks, pass@1, after training")
+    assert lines[5].startswith("[ok  ] backend              local, device cpu, dtype float32")
+    assert lines[6] == f"[ok  ] output_dir           {tmp_path / 'out'} (new run)"
+    assert lines[7].startswith("[skip] model")
+    assert lines[-1] == "all checks passed"
+
+    code, out, _ = run(capsys, "validate", str(config), "--deep")
+    assert code == 0
+    assert any(
+        line.startswith("[ok  ] model                sdft/tiny-random -> ")
+        for line in out.splitlines()
+    )
+    prompts = [line for line in out.splitlines() if line.startswith("[ok  ] prompts")]
+    assert len(prompts) == 1 and "teacher prompt" in prompts[0]
+
+
+def test_validate_reports_each_failure(tmp_path: Path, capsys, monkeypatch) -> None:
+    config = write_config(tmp_path)
+    with open(tmp_path / "data" / "train.jsonl", "a") as handle:
+        handle.write('{"inputs": {"question": "x"}}\n')
+    (tmp_path / "data" / "val" / "tasks.jsonl").write_text(
+        '{"task_id": "a", "instruction": "b", "verifier": {"kind": "in_process", "fn_name": "nope", "expected": 1}}\n'
+    )
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 1
+    lines = out.splitlines()
+    data_line = next(line for line in lines if " data " in line)
+    assert data_line.startswith(
+        f"[FAIL] data                 {tmp_path / 'data' / 'train.jsonl'}:6:"
+    )
+    bench_line = next(line for line in lines if "benchmark val" in line)
+    assert (
+        bench_line.startswith("[FAIL] benchmark val")
+        and "unknown verifier.fn_name 'nope'" in bench_line
+    )
+    assert lines[-1] == "2 check(s) failed"
+
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    tinker_config = tmp_path / "tinker.yaml"
+    tinker_config.write_text(
+        "model: {name: Qwen/Qwen3-4B-Instruct-2507}\nbackend: {kind: tinker}\n"
+        "data: {path: data/train.jsonl}\noutput_dir: tout\n"
+    )
+    (tmp_path / "data" / "train.jsonl").write_text('{"question": "q", "golden_answer": "a"}\n')
+    code, out, _ = run(capsys, "validate", str(tinker_config), "--deep")
+    assert code == 1
+    assert "[FAIL] backend              tinker: TINKER_API_KEY is not set" in out.splitlines()
+    monkeypatch.setenv("TINKER_API_KEY", "tml-do-not-print-me")
+    code, out, _ = run(capsys, "validate", str(tinker_config), "--deep")
+    assert code == 0
+    assert "TINKER_API_KEY is set (value not shown)" in out
+    assert "tml-do-not-print-me" not in out
+
+    code, out, _ = run(capsys, "validate", str(tmp_path / "missing.yaml"))
+    assert code == 1 and out.startswith("[FAIL] config               config file not found:")
+
+
+def test_validate_sees_an_existing_run(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path, params={"max_steps": 1, "save_every": 1}, benchmarks=[])
+    assert run(capsys, "train", str(config), "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 0
+    assert (
+        f"[warn] output_dir           {tmp_path / 'out'} already holds a run (last checkpoint at "
+        "step 1): `sdft train --resume` continues it, `--overwrite` starts over"
+    ) in out.splitlines()
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "sdft"
+    assert script.is_file()
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("train", "validate", "eval", "compare"):
+        assert f"    {command} " in result.stdout
+
+
+def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sdft.cli", "--debug", "validate", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    # validate reports a missing config as a failed check (exit 1), not as an error.
+    assert result.returncode == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "sdft.cli", "--debug", "train", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "FileNotFoundError: config file not found" in result.stderr
+
+
+@pytest.mark.real_model
+def test_real_model_end_to_end(tmp_path: Path, capsys) -> None:
+    """Two SDFT steps and an evaluation on the embedded SmolLM2-135M-Instruct."""
+    config = write_config(
+        tmp_path,
+        params={"max_steps": 2, "save_every": None, "learning_rate": 2e-5},
+        benchmarks=[
+            {"name": "val", "path": "data/val", "run_every": 2, "metrics": ["pass@1"]},
+        ],
+    )
+    text = config.read_text().replace("sdft/tiny-random", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    config.write_text(text)
+    code, _out, err = run(capsys, "train", str(config), "--no-progress")
+    assert code == 0, err
+    rows = RunLog(tmp_path / "out").read_metrics()
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for row in train_rows:
+        # A real teacher shown the answer is confident: low entropy over its top-5.
+        assert 0 < row["metrics"]["train/mean_loss"] < 10
+        assert row["metrics"]["train/teacher_entropy"] < 1.6
+    predictions = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "predictions" / "val.step0.jsonl").read_text().splitlines()
+    ]
+    # The base model knows the capital of France.
+    assert predictions[0]["task_id"] == "val_0" and predictions[0]["correct"] is True

@@ -1,0 +1,627 @@
+"""The training loop end to end on the tiny random model (local backend), and its parts.
+
+Also home of the helpers the other end-to-end tests import: ``write_config`` (a tiny run in
+``tmp_path``) and the recording client wrappers around the local backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from tinker import types
+
+from sdft.checkpoints import read_checkpoints
+from sdft.config import load_config
+from sdft.loop import (
+    RunDirectoryError,
+    Trainer,
+    learning_rate_at,
+    load_dataset,
+    prepare_output_dir,
+    resolve,
+    split_evenly,
+    train,
+)
+from sdft.runlog import RunLog
+
+TINY = "sdft/tiny-random"
+
+CAPITALS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Italy?", "Rome"),
+    ("What is the capital of Spain?", "Madrid"),
+    ("What is the capital of Peru?", "Lima"),
+]
+
+
+def write_config(
+    tmp_path: Path,
+    *,
+    kind: str = "sdft",
+    params: dict[str, Any] | None = None,
+    benchmarks: list[dict[str, Any]] | None = None,
+    name: str = "config.yaml",
+    output_dir: str = "out",
+    seed: int = 0,
+) -> Path:
+    """A tiny run: 5 capitals, batch 2, 3 steps, 8-token completions, full fine-tuning of the tiny
+    random model on CPU; benchmark ``val`` every 2 steps and ``final`` once after training."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "train.jsonl").write_text(
+        "".join(
+            json.dumps({"inputs": {"question": q}, "expected": f"The capital is {a}."}) + "\n"
+            for q, a in CAPITALS
+        )
+    )
+    for bench, rows in {
+        "val": [("Capital of France?", "Paris"), ("Capital of Japan?", "Tokyo")],
+        "final": [("Capital of Italy?", "Rome")],
+    }.items():
+        (data / bench).mkdir(exist_ok=True)
+        (data / bench / "tasks.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "task_id": f"{bench}_{i}",
+                        "instruction": q,
+                        "verifier": {"kind": "in_process", "fn_name": "contains", "expected": a},
+                    }
+                )
+                + "\n"
+                for i, (q, a) in enumerate(rows)
+            )
+        )
+    run_params: dict[str, Any] = {
+        "learning_rate": 1e-3,
+        "max_steps": 3,
+        "batch_size": 2,
+        "group_size": 1,
+        "lora_rank": None,
+        "topk": 5,
+        "skip_first_n": 1,
+        "max_tokens": 8,
+        "max_context_length": 256,
+        "save_every": 2,
+    }
+    if kind == "sft":
+        for key in ("topk", "skip_first_n", "group_size"):
+            run_params.pop(key)
+    run_params.update(params or {})
+    if benchmarks is None:
+        benchmarks = [
+            {"name": "val", "path": "data/val", "run_every": 2, "metrics": ["pass@1"]},
+            {"name": "final", "path": "data/final", "split": "test", "max_tokens": 4},
+        ]
+    config = {
+        "model": {"name": TINY},
+        "backend": {"kind": "local", "device": "cpu"},
+        "algorithm": {"kind": kind, "params": run_params},
+        "data": {"source_kind": "jsonl", "path": "data/train.jsonl"},
+        "metadata": {"benchmark": benchmarks},
+        "output_dir": output_dir,
+        "seed": seed,
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# --- recording wrappers around the local backend ---------------------------------------------
+
+
+class Recorder:
+    """What the loop asked of the backend, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.forward_backward: list[tuple[list[types.Datum], str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.created: list[tuple[str, tuple, dict]] = []
+
+
+class RecordingFuture:
+    def __init__(self, inner: Any, label: str, recorder: Recorder, wrap=None) -> None:
+        self.inner, self.label, self.recorder, self.wrap = inner, label, recorder, wrap
+
+    def _finish(self, value: Any) -> Any:
+        return self.wrap(value) if self.wrap else value
+
+    async def result_async(self, timeout: float | None = None) -> Any:
+        self.recorder.events.append(("await", self.label))
+        return self._finish(await resolve(self.inner))
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.recorder.events.append(("await", self.label))
+        value = self.inner.result() if hasattr(self.inner, "result") else self.inner
+        return self._finish(value)
+
+    def __await__(self):
+        return self.result_async().__await__()
+
+
+class RecordingSampler:
+    def __init__(self, inner: Any, recorder: Recorder, role: str) -> None:
+        self.inner, self.recorder, self.role = inner, recorder, role
+
+    def sample(
+        self,
+        prompt,
+        num_samples,
+        sampling_params,
+        include_prompt_logprobs=False,
+        topk_prompt_logprobs=0,
+        **kwargs,
+    ):
+        self.recorder.samples.append(
+            {
+                "role": self.role,
+                "prompt": prompt,
+                "num_samples": num_samples,
+                "sampling_params": sampling_params,
+                "include_prompt_logprobs": include_prompt_logprobs,
+                "topk_prompt_logprobs": topk_prompt_logprobs,
+            }
+        )
+        self.recorder.events.append(("submit", f"sample:{self.role}"))
+        future = self.inner.sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            **kwargs,
+        )
+        return RecordingFuture(future, f"sample:{self.role}", self.recorder)
+
+    def compute_logprobs(self, prompt, **kwargs):
+        self.recorder.events.append(("submit", f"compute_logprobs:{self.role}"))
+        return RecordingFuture(
+            self.inner.compute_logprobs(prompt, **kwargs),
+            f"compute_logprobs:{self.role}",
+            self.recorder,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class RecordingTrainer:
+    def __init__(self, inner: Any, recorder: Recorder) -> None:
+        self.inner, self.recorder = inner, recorder
+
+    def forward_backward(self, data, loss_fn, loss_fn_config=None):
+        self.recorder.forward_backward.append((data, loss_fn, loss_fn_config))
+        self.recorder.events.append(("submit", "forward_backward"))
+        future = self.inner.forward_backward(data, loss_fn, loss_fn_config)
+        return RecordingFuture(future, "forward_backward", self.recorder)
+
+    def forward_backward_custom(self, data, loss_fn, **kwargs):
+        self.recorder.forward_backward.append((data, "custom", loss_fn))
+        self.recorder.events.append(("submit", "forward_backward"))
+        future = self.inner.forward_backward_custom(data, loss_fn, **kwargs)
+        return RecordingFuture(future, "forward_backward", self.recorder)
+
+    def forward_backward_full_kl(self, data, teacher, *args, **kwargs):
+        self.recorder.forward_backward.append((data, "full_kl", None))
+        self.recorder.events.append(("submit", "forward_backward"))
+        inner_teacher = teacher.inner if isinstance(teacher, RecordingSampler) else teacher
+        future = self.inner.forward_backward_full_kl(data, inner_teacher, *args, **kwargs)
+        return RecordingFuture(future, "forward_backward", self.recorder)
+
+    def optim_step(self, *args, **kwargs):
+        self.recorder.events.append(("submit", "optim_step"))
+        return RecordingFuture(self.inner.optim_step(*args, **kwargs), "optim_step", self.recorder)
+
+    def save_weights_and_get_sampling_client(self, *args, **kwargs):
+        future = self.inner.save_weights_and_get_sampling_client(*args, **kwargs)
+        return RecordingFuture(
+            future,
+            "refresh",
+            self.recorder,
+            lambda c: RecordingSampler(c, self.recorder, "student"),
+        )
+
+    def create_ema_sampling_client(self, *args, **kwargs):
+        future = self.inner.create_ema_sampling_client(*args, **kwargs)
+        return RecordingFuture(
+            future, "ema", self.recorder, lambda c: RecordingSampler(c, self.recorder, "teacher")
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class RecordingService:
+    def __init__(self, inner: Any, recorder: Recorder) -> None:
+        self.inner, self.recorder = inner, recorder
+
+    def _training(self, method: str, *args, **kwargs):
+        self.recorder.created.append((method, args, kwargs))
+        future = getattr(self.inner, method)(*args, **kwargs)
+        return RecordingFuture(
+            future, method, self.recorder, lambda c: RecordingTrainer(c, self.recorder)
+        )
+
+    def create_lora_training_client(self, *args, **kwargs):
+        return self._training("create_lora_training_client", *args, **kwargs)
+
+    def create_full_training_client(self, *args, **kwargs):
+        return self._training("create_full_training_client", *args, **kwargs)
+
+    def create_training_client_from_state_with_optimizer(self, *args, **kwargs):
+        return self._training("create_training_client_from_state_with_optimizer", *args, **kwargs)
+
+    def create_sampling_client(self, *args, **kwargs):
+        self.recorder.created.append(("create_sampling_client", args, kwargs))
+        role = "teacher" if kwargs.get("base_model") or "teacher" in str(kwargs) else "student"
+        future = self.inner.create_sampling_client(*args, **kwargs)
+        return RecordingFuture(
+            future,
+            "create_sampling_client",
+            self.recorder,
+            lambda c: RecordingSampler(c, self.recorder, role),
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def local_service(config) -> Any:
+    from sdft.loop import build_service_client
+
+    return build_service_client(config)
+
+
+def recorded_run(config_path: Path, **kwargs) -> tuple[Recorder, Any]:
+    config = load_config(config_path)
+    recorder = Recorder()
+    result = train(
+        config,
+        service_client=RecordingService(local_service(config), recorder),
+        progress=False,
+        **kwargs,
+    )
+    return recorder, result
+
+
+def rows_of(output_dir: Path) -> list[dict[str, Any]]:
+    return RunLog(output_dir).read_metrics()
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def test_split_evenly() -> None:
+    assert split_evenly([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert split_evenly([1, 2, 3], 5) == [[1], [2], [3]]
+    assert split_evenly([1, 2, 3, 4], 1) == [[1, 2, 3, 4]]
+
+
+def test_learning_rate_schedules(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 4, "learning_rate": 1.0}))
+    assert [learning_rate_at(config, s) for s in (1, 2, 3, 4)] == [1.0, 1.0, 1.0, 1.0]
+    config.algorithm.params.lr_schedule = "linear"
+    assert [learning_rate_at(config, s) for s in (1, 2, 3, 4)] == [1.0, 0.75, 0.5, 0.25]
+    config.algorithm.params.lr_schedule = "cosine"
+    values = [learning_rate_at(config, s) for s in (1, 3)]
+    assert values[0] == 1.0 and math.isclose(values[1], 0.5, abs_tol=1e-12)
+
+
+def test_dataset_batches_cover_max_steps_and_are_deterministic(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 7, "batch_size": 2}))
+    first, again = load_dataset(config), load_dataset(config)
+    assert len(first) >= 7
+    for index in range(7):
+        assert first.get_batch(index).questions == again.get_batch(index).questions
+    epoch = [q for i in range(3) for q in first.get_batch(i).questions]
+    assert sorted(epoch) == sorted(q for q, _ in CAPITALS)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def test_sdft_run_writes_every_output(tmp_path: Path) -> None:
+    recorder, result = recorded_run(write_config(tmp_path))
+    out = tmp_path / "out"
+    assert result.status == "completed" and result.steps_completed == 3
+    rows = rows_of(out)
+    assert [
+        (r["step"], r["split"], sorted(r["metrics"])) for r in rows if r["split"] != "train"
+    ] == [
+        (0, "val", ["val/val/pass@1"]),
+        (2, "val", ["val/val/pass@1"]),
+        (3, "val", ["val/val/pass@1"]),
+        (3, "test", ["test/final/pass@1"]),
+    ]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    # 5 examples in batches of 2: the epoch's last batch holds one.
+    assert [r["metrics"]["train/num_sequences"] for r in train_rows] == [2, 2, 1]
+    for row in train_rows:
+        metrics = row["metrics"]
+        distilled = metrics["train/distilled_tokens"]
+        assert 0 < distilled <= metrics["train/completion_tokens"] <= 16
+        assert math.isclose(metrics["train/mean_loss"] * distilled, metrics["train/loss_sum"])
+        assert metrics["train/mean_loss"] > 0
+        assert metrics["train/teacher_entropy"] == metrics["sdft/mean_teacher_entropy_distilled"]
+        assert metrics["train/learning_rate"] == 1e-3
+        for key in ("time/sample_s", "time/teacher_s", "time/train_s", "time/refresh_s"):
+            assert metrics[key] >= 0
+    assert result.train_metrics == train_rows[-1]["metrics"]
+    assert set(result.benchmark_metrics) == {"val/val/pass@1", "test/final/pass@1"}
+
+    for name in ("config.resolved.yaml", "summary.md", "plot.png", "checkpoints.jsonl"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
+        "final.jsonl",
+        "final.step3.jsonl",
+        "val.jsonl",
+        "val.step0.jsonl",
+        "val.step2.jsonl",
+        "val.step3.jsonl",
+    ]
+    prediction = json.loads((out / "predictions" / "val.jsonl").read_text().splitlines()[0])
+    assert prediction["task_id"] == "val_0" and isinstance(prediction["correct"], bool)
+    summary = (out / "summary.md").read_text()
+    assert "- Status: **completed**" in summary and "- Steps: 3 / 3" in summary
+    assert [(c.name, c.step, c.final) for c in read_checkpoints(out)] == [
+        ("000002", 2, False),
+        ("000003", 3, True),
+    ]
+    # Every loss request went out without the student datums' mask.
+    assert [call[1] for call in recorder.forward_backward] == ["cross_entropy"] * 3
+    for data, _, _ in recorder.forward_backward:
+        assert all(set(d.loss_fn_inputs) == {"target_tokens", "weights"} for d in data)
+
+
+def test_teacher_requests_score_prompt_plus_completion_all_in_flight(tmp_path: Path) -> None:
+    config_path = write_config(
+        tmp_path, params={"max_steps": 1, "group_size": 2, "topk": 4}, benchmarks=[]
+    )
+    recorder, _ = recorded_run(config_path)
+    student = [s for s in recorder.samples if s["role"] == "student"]
+    teacher = [s for s in recorder.samples if s["role"] == "teacher"]
+    assert len(student) == 2 and all(s["num_samples"] == 2 for s in student)
+    assert all(s["sampling_params"].max_tokens == 8 for s in student)
+    assert len(teacher) == 4
+    for request in teacher:
+        assert request["include_prompt_logprobs"] is True
+        assert request["topk_prompt_logprobs"] == 4
+        assert request["sampling_params"].max_tokens == 1
+    # All requests of a phase are submitted before the first one is awaited.
+    kinds = [e for e in recorder.events if e[1].startswith("sample:teacher")]
+    assert kinds[:4] == [("submit", "sample:teacher")] * 4
+    kinds = [e for e in recorder.events if e[1].startswith("sample:student")]
+    assert kinds[:2] == [("submit", "sample:student")] * 2
+
+    # The teacher sees teacher prompt + the student's completion, row for row.
+    config = load_config(config_path)
+    trainer = Trainer(config, None, progress=False)
+    from sdft.models import load_tokenizer
+
+    trainer.tokenizer = load_tokenizer(TINY)
+    batch = load_dataset(config).get_batch(0)
+    data, _, _ = recorder.forward_backward[0]
+    for index, request in enumerate(teacher):
+        example = batch.examples[index // 2]
+        prefix = trainer._teacher_prompt(example.question, example.golden_answer, None).to_ints()
+        tokens = request["prompt"].to_ints()
+        assert tokens[: len(prefix)] == prefix
+        completion = tokens[len(prefix) :]
+        student_prompt = trainer._student_prompt(example.question, None).to_ints()
+        assert data[index].model_input.to_ints() == (student_prompt + completion)[:-1]
+
+
+def test_truncation_to_max_context_length(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    from sdft.models import load_tokenizer
+
+    trainer = Trainer(config, None, progress=False)
+    trainer.tokenizer = load_tokenizer(TINY)
+    q, a = CAPITALS[0]
+    teacher_len = trainer._teacher_prompt(q, f"The capital is {a}.", None).length
+    config_path = write_config(
+        tmp_path,
+        params={"max_steps": 1, "max_tokens": 8, "max_context_length": teacher_len + 3},
+        benchmarks=[],
+    )
+    recorder, _ = recorded_run(config_path)
+    teacher = [s for s in recorder.samples if s["role"] == "teacher"]
+    assert teacher and all(s["prompt"].length <= teacher_len + 3 for s in teacher)
+    row = rows_of(tmp_path / "out")[0]["metrics"]
+    assert row["train/truncated"] >= 1
+    assert row["sdft/teacher_truncated_count"] == row["train/truncated"]
+
+
+def test_forward_backward_and_optim_step_are_pipelined(tmp_path: Path) -> None:
+    recorder, _ = recorded_run(
+        write_config(
+            tmp_path,
+            params={"max_steps": 1, "batch_size": 3, "num_substeps": 3},
+            benchmarks=[],
+        )
+    )
+    train_events = [e for e in recorder.events if e[1] in ("forward_backward", "optim_step")]
+    S, A = "submit", "await"
+    assert train_events == [
+        (S, "forward_backward"), (S, "optim_step"), (S, "forward_backward"), (S, "optim_step"),
+        (A, "forward_backward"), (A, "optim_step"),
+        (S, "forward_backward"), (S, "optim_step"),
+        (A, "forward_backward"), (A, "optim_step"), (A, "forward_backward"), (A, "optim_step"),
+    ]  # fmt: skip
+    assert [len(call[0]) for call in recorder.forward_backward] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("params", "loss_fn", "keys"),
+    [
+        ({"loss": "reverse_kl"}, "custom", {"target_tokens", "weights"}),
+        ({"topk": 0}, "importance_sampling", {"target_tokens", "logprobs", "advantages"}),
+        ({"lora_rank": 4, "learning_rate": 1e-2}, "cross_entropy", {"target_tokens", "weights"}),
+        ({"generate_from_teacher": True}, "cross_entropy", {"target_tokens", "weights"}),
+    ],
+    ids=["reverse_kl", "importance_sampling", "lora", "generate_from_teacher"],
+)
+def test_loss_variants_train(tmp_path: Path, params, loss_fn, keys) -> None:
+    recorder, result = recorded_run(
+        write_config(tmp_path, params={"max_steps": 2, "save_every": None, **params}, benchmarks=[])
+    )
+    assert result.steps_completed == 2
+    assert [call[1] for call in recorder.forward_backward] == [loss_fn, loss_fn]
+    for data, _, _ in recorder.forward_backward:
+        assert all(set(d.loss_fn_inputs) == keys for d in data)
+    for row in rows_of(tmp_path / "out"):
+        metrics = row["metrics"]
+        assert math.isfinite(metrics["train/loss_sum"])
+        if metrics["train/distilled_tokens"]:
+            assert math.isclose(
+                metrics["train/mean_loss"] * metrics["train/distilled_tokens"],
+                metrics["train/loss_sum"],
+            )
+
+
+def test_generate_from_teacher_samples_the_teacher_prompt(tmp_path: Path) -> None:
+    recorder, _ = recorded_run(
+        write_config(
+            tmp_path, params={"max_steps": 1, "generate_from_teacher": True}, benchmarks=[]
+        )
+    )
+    student_requests = [s for s in recorder.samples if s["role"] == "student"]
+    teacher_requests = [s for s in recorder.samples if s["role"] == "teacher"]
+    for rollout, scoring in zip(student_requests, teacher_requests, strict=True):
+        prompt = rollout["prompt"].to_ints()
+        assert scoring["prompt"].to_ints()[: len(prompt)] == prompt
+
+
+def test_full_kl_and_ema_teacher(tmp_path: Path) -> None:
+    _, result = recorded_run(
+        write_config(
+            tmp_path,
+            params={
+                "max_steps": 2,
+                "loss": "full_kl",
+                "teacher": {"mode": "ema", "ema_alpha": 0.5},
+                "save_every": None,
+            },
+            benchmarks=[],
+        )
+    )
+    rows = rows_of(tmp_path / "out")
+    assert result.steps_completed == 2 and len(rows) == 2
+    for row in rows:
+        assert row["metrics"]["train/loss_sum"] >= 0
+
+
+def test_sync_teacher_is_saved_and_recorded_in_checkpoints(tmp_path: Path) -> None:
+    recorder, _ = recorded_run(
+        write_config(
+            tmp_path,
+            params={"max_steps": 3, "teacher": {"mode": "sync", "sync_every": 2}, "save_every": 1},
+            benchmarks=[],
+        )
+    )
+    records = read_checkpoints(tmp_path / "out")
+    assert [r.step for r in records] == [1, 2, 3]
+    assert "teacher_path" not in records[0].extra
+    assert records[1].extra["teacher_path"] == records[2].extra["teacher_path"]
+    assert records[1].extra["teacher_path"].endswith("teacher-000002")
+    model_paths = [
+        kw.get("model_path") for m, _, kw in recorder.created if m == "create_sampling_client"
+    ]
+    assert records[1].extra["teacher_path"] in model_paths
+
+
+def test_sft_datum_trains_exactly_the_answer_tokens(tmp_path: Path) -> None:
+    from sdft.models import load_tokenizer
+
+    config = load_config(write_config(tmp_path, kind="sft"))
+    trainer = Trainer(config, None, progress=False)
+    trainer.tokenizer = tokenizer = load_tokenizer(TINY)
+    datum = trainer.sft_datum("What is the capital of Peru?", "Lima", None)
+    prompt = trainer._student_prompt("What is the capital of Peru?", None).to_ints()
+    answer = [*tokenizer.encode("Lima", add_special_tokens=False), tokenizer.eos_token_id]
+    sequence = prompt + answer
+    assert datum.model_input.to_ints() == sequence[:-1]
+    assert datum.loss_fn_inputs["target_tokens"].to_numpy().tolist() == sequence[1:]
+    weights = datum.loss_fn_inputs["weights"].to_numpy()
+    assert weights.tolist() == [0.0] * (len(prompt) - 1) + [1.0] * len(answer)
+    assert set(datum.loss_fn_inputs) == {"target_tokens", "weights"}
+
+
+def test_sft_run(tmp_path: Path) -> None:
+    recorder, result = recorded_run(write_config(tmp_path, kind="sft"))
+    assert result.status == "completed"
+    assert not [s for s in recorder.samples if s["role"] == "teacher"]
+    rows = [r for r in rows_of(tmp_path / "out") if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    losses = [r["metrics"]["train/mean_loss"] for r in rows]
+    assert all(loss > 0 for loss in losses)
+    assert losses[-1] < losses[0]  # lr 1e-3 on the same 5 answers: the loss falls
+    assert "sft (cross_entropy on golden answers)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    prepare_output_dir(config, resume=False, overwrite=False)
+    (config.output_dir / "metrics.jsonl").write_text("")
+    (config.output_dir / "keep.txt").write_text("mine")
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"already holds a run \(metrics.jsonl, config.resolved.yaml\); pass --resume to continue it or --overwrite",
+    ):
+        prepare_output_dir(config, resume=False, overwrite=False)
+    with pytest.raises(RunDirectoryError, match="--resume and --overwrite exclude each other"):
+        prepare_output_dir(config, resume=True, overwrite=True)
+    prepare_output_dir(config, resume=False, overwrite=True)
+    assert sorted(p.name for p in config.output_dir.iterdir()) == [
+        "config.resolved.yaml",
+        "keep.txt",
+    ]
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    prepare_output_dir(config, resume=False, overwrite=False)
+    changed = load_config(
+        write_config(tmp_path, params={"max_steps": 5, "learning_rate": 0.5}, benchmarks=[])
+    )
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"the config changed since the run started \(algorithm.params.learning_rate\)",
+    ):
+        prepare_output_dir(changed, resume=True, overwrite=False)
+    longer = load_config(write_config(tmp_path, params={"max_steps": 5}, benchmarks=[]))
+    assert prepare_output_dir(longer, resume=True, overwrite=False) is None
+
+
+def test_nothing_is_trained_when_all_datums_are_empty(tmp_path: Path) -> None:
+    """skip_first_n beyond max_tokens: no position carries signal; the step still completes and
+    reports a null mean loss instead of dividing by zero."""
+    _, result = recorded_run(
+        write_config(
+            tmp_path, params={"max_steps": 1, "skip_first_n": 50, "save_every": None}, benchmarks=[]
+        )
+    )
+    metrics = rows_of(tmp_path / "out")[0]["metrics"]
+    assert metrics["train/distilled_tokens"] == 0
+    assert metrics["train/mean_loss"] is None
+    assert metrics["train/loss_sum"] == 0.0
+    assert result.status == "completed"
+
+
+def test_weights_of_topk_datums_are_teacher_distributions(tmp_path: Path) -> None:
+    recorder, _ = recorded_run(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    for datum in recorder.forward_backward[0][0]:
+        weights = datum.loss_fn_inputs["weights"].to_numpy()
+        sums = weights.sum(axis=1)
+        used = sums > 0
+        assert np.allclose(sums[used], 1.0, atol=1e-5)
+        assert weights.shape[1] == 5
