@@ -1477,8 +1477,8 @@ mod tests {
         for threads in [1, 2, 3, 7] {
             let cells_broken: usize = broken.iter().map(|i| i.mask.len() * 3).sum();
             let (mut tokens, mut weights) = (vec![0i64; cells_broken], vec![0f32; cells_broken]);
-            let err =
-                build_dense_batch(&broken, 0, &cfg, &mut tokens, &mut weights, threads).unwrap_err();
+            let err = build_dense_batch(&broken, 0, &cfg, &mut tokens, &mut weights, threads)
+                .unwrap_err();
             assert_eq!(
                 err.to_string(),
                 "datum 2: mask[0] is NaN; mask values must be finite"
@@ -1491,7 +1491,10 @@ mod tests {
         }
         // A sub-batch names its datums by their index in the whole batch.
         let err = build_csr_batch(&broken[3..], 3, &cfg, 2).unwrap_err();
-        assert_eq!(err.to_string(), "datum 5: mask[0] is NaN; mask values must be finite");
+        assert_eq!(
+            err.to_string(),
+            "datum 5: mask[0] is NaN; mask values must be finite"
+        );
     }
 
     /// The AVX2 and portable compilations of the row loop give bit-identical outputs and stats.

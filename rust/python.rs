@@ -7,9 +7,9 @@
 
 use crate::buffer::ZeroedBuffer;
 use crate::kernel::{
-    build_csr_batch, build_dense_batch, consulted_teacher_rows, Config, CsrTargets,
-    DatumInput, DenseRows, KernelError, RaggedRows, Stats, Teacher, KERNEL_VERSION, MAX_TOKEN_ID,
-    MAX_TOPK, SENTINEL_LOGPROB,
+    build_csr_batch, build_dense_batch, consulted_teacher_rows, Config, CsrTargets, DatumInput,
+    DenseRows, KernelError, RaggedRows, Stats, Teacher, KERNEL_VERSION, MAX_TOKEN_ID, MAX_TOPK,
+    SENTINEL_LOGPROB,
 };
 use numpy::ndarray::ArrayView2;
 use numpy::{
@@ -514,7 +514,9 @@ fn build_topk_batch<'py>(
 
     let mut guards = Vec::with_capacity(datums.len());
     for (index, item) in datums.iter().enumerate() {
-        let fields = item.cast::<PyTuple>().map_err(|_| type_error(index, ITEM_SHAPE))?;
+        let fields = item
+            .cast::<PyTuple>()
+            .map_err(|_| type_error(index, ITEM_SHAPE))?;
         if fields.len() != 4 {
             return Err(type_error(index, ITEM_SHAPE));
         }
@@ -537,9 +539,17 @@ fn build_topk_batch<'py>(
                 ),
             ));
         };
-        guards.push(DatumGuard { mask, completion_len, teacher_prompt_len, teacher });
+        guards.push(DatumGuard {
+            mask,
+            completion_len,
+            teacher_prompt_len,
+            teacher,
+        });
     }
-    let rows: Vec<usize> = guards.iter().map(|guard| guard.mask.as_array().len()).collect();
+    let rows: Vec<usize> = guards
+        .iter()
+        .map(|guard| guard.mask.as_array().len())
+        .collect();
     let threads = thread_count(threads, rows.iter().sum());
 
     // Runs of datums with dense (or no) teachers are built in one call each, on several threads;
@@ -548,7 +558,9 @@ fn build_topk_batch<'py>(
     let mut segments: Vec<Range<usize>> = Vec::new();
     for (index, guard) in guards.iter().enumerate() {
         match segments.last_mut() {
-            Some(last) if !guard.is_list() && !guards.get(last.start).is_some_and(DatumGuard::is_list) => {
+            Some(last)
+                if !guard.is_list() && !guards.get(last.start).is_some_and(DatumGuard::is_list) =>
+            {
                 last.end = index + 1
             }
             _ => segments.push(index..index + 1),
@@ -573,8 +585,12 @@ fn build_topk_batch<'py>(
         let mut offsets = Vec::with_capacity(rows.len() + 1);
         offsets.push(0usize);
         for (index, &n) in rows.iter().enumerate() {
-            let cells = n.checked_mul(config.topk).and_then(|cells| cells.checked_add(offsets[index]));
-            offsets.push(cells.ok_or_else(|| value_error(index, "the (N, topk) output is too large"))?);
+            let cells = n
+                .checked_mul(config.topk)
+                .and_then(|cells| cells.checked_add(offsets[index]));
+            offsets.push(
+                cells.ok_or_else(|| value_error(index, "the (N, topk) output is too large"))?,
+            );
         }
         let cells = offsets.last().copied().unwrap_or(0);
         let (mut target_tokens, mut weights) = py
@@ -593,16 +609,31 @@ fn build_topk_batch<'py>(
                 target_tokens.as_mut_slice().get_mut(block.clone()),
                 weights.as_mut_slice().get_mut(block),
             ) else {
-                return Err(PyValueError::new_err("output blocks out of range (internal error)"));
+                return Err(PyValueError::new_err(
+                    "output blocks out of range (internal error)",
+                ));
             };
             let segment_stats = py
                 .detach(|| {
-                    build_dense_batch(&inputs, segment.start, &config, tokens_block, weights_block, threads)
+                    build_dense_batch(
+                        &inputs,
+                        segment.start,
+                        &config,
+                        tokens_block,
+                        weights_block,
+                        threads,
+                    )
                 })
                 .map_err(kernel_error)?;
             stats.add(&segment_stats);
         }
-        let token_arrays = views_into(py, target_tokens, OutputStorage::TargetTokens, &rows, config.topk)?;
+        let token_arrays = views_into(
+            py,
+            target_tokens,
+            OutputStorage::TargetTokens,
+            &rows,
+            config.topk,
+        )?;
         let weight_arrays = views_into(py, weights, OutputStorage::Weights, &rows, config.topk)?;
         for (tokens, weights) in token_arrays.into_iter().zip(weight_arrays) {
             result.append((tokens, weights))?;
@@ -640,7 +671,9 @@ fn segment_views<'a>(
     gathered: &'a GatheredRows,
 ) -> PyResult<Vec<DatumInput<'a>>> {
     let Some(segment_guards) = guards.get(segment.clone()) else {
-        return Err(PyValueError::new_err("segment out of range (internal error)"));
+        return Err(PyValueError::new_err(
+            "segment out of range (internal error)",
+        ));
     };
     segment_guards
         .iter()

@@ -176,6 +176,33 @@ def test_only_rows_the_kernel_reads_are_validated():
     assert np.isfinite(datums[1].loss_fn_inputs["weights"].to_numpy()).all()
 
 
+def test_the_lowest_bad_datum_is_reported_whatever_the_input_forms():
+    datum = sdft.student_datum_from_rollout(
+        prompt=tinker.ModelInput.from_ints([1, 2, 3]), completion_tokens=[10, 11, 12, 13]
+    )
+    slices = [sdft.CompletionSlice([10, 11, 12, 13], 5)] * 3
+    bad_list = list_teacher((7, "x"))  # a TypeError, found while converting the list view
+    bad_dense = dense_teacher(bad_logprob=np.nan)  # a ValueError, found by the kernel
+    good = dense_teacher()
+    at = "completion position 1 (student position 3, teacher row 6), entry 2"
+    for teachers, error, message in [
+        (
+            [good, bad_list, bad_dense],
+            TypeError,
+            f"datum 1: {at}: logprob must be a float, got str",
+        ),
+        ([good, bad_dense, bad_list], ValueError, f"datum 1: {at}: logprob is NaN"),
+        ([bad_dense, good, bad_list], ValueError, f"datum 0: {at}: logprob is NaN"),
+    ]:
+        with pytest.raises(error, match=re.escape(message)):
+            sdft.build_topk_targets(
+                student_data=[datum] * 3,
+                completion_slices=slices,
+                teacher_topk_logprobs=teachers,
+                skip_first_n=0,
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Batch structure
 

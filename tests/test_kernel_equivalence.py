@@ -175,13 +175,20 @@ def test_kernel_matches_reference_for_dense_and_list_input(batch, kwargs):
     assert_matches_reference(
         from_dense, dense_metrics, reference_outputs, reference_metrics, kwargs["topk"]
     )
-    # Both input forms give the very same bits.
-    assert dense_metrics == list_metrics
-    for a, b in zip(from_dense, from_lists, strict=True):
+    # Both input forms, and batches mixing them, give the very same bits.
+    mixed = [
+        dense if i % 2 else rows
+        for i, (dense, rows) in enumerate(zip(dense_teachers, lists, strict=True))
+    ]
+    from_mixed, mixed_metrics = sdft.build_topk_targets(
+        student_data=student_data, completion_slices=slices, teacher_topk_logprobs=mixed, **kwargs
+    )
+    assert dense_metrics == list_metrics == mixed_metrics
+    for a, b, c in zip(from_dense, from_lists, from_mixed, strict=True):
         for key in ("target_tokens", "weights"):
-            np.testing.assert_array_equal(
-                a.loss_fn_inputs[key].to_numpy(), b.loss_fn_inputs[key].to_numpy()
-            )
+            expected = a.loss_fn_inputs[key].to_numpy()
+            np.testing.assert_array_equal(expected, b.loss_fn_inputs[key].to_numpy())
+            np.testing.assert_array_equal(expected, c.loss_fn_inputs[key].to_numpy())
 
 
 @property_settings

@@ -256,7 +256,10 @@ async def evaluate(
             runlog.log_metrics(step, entry.split, metrics)
         if progress:
             shown = ", ".join(f"{key} = {value:.3f}" for key, value in metrics.items())
-            print(f"step {step}: {shown}", file=sys.stderr)
+            from tqdm import tqdm
+
+            # tqdm.write keeps a training bar on a terminal intact.
+            tqdm.write(f"step {step}: {shown}", file=sys.stderr)
         results.update(metrics)
     return results
 

@@ -8,6 +8,7 @@ sees a half-written PNG.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ def _loss_series(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
         if row["split"] == "train" and isinstance(row["metrics"].get(LOSS_KEY), int | float)
     ]
     return sorted(points)
+
+
+def _title(figure: Figure, title: str) -> None:
+    if title:
+        figure.suptitle(textwrap.fill(title, width=110), fontsize="medium", y=1.02)
 
 
 def _save(figure: Figure, path: str | Path) -> None:
@@ -62,8 +68,7 @@ def write_metrics_plot(
     bench_axis.set_title("benchmarks")
     bench_axis.set_xlabel("step")
     bench_axis.grid(alpha=0.3)
-    if title:
-        figure.suptitle(title)
+    _title(figure, title)
     _save(figure, path)
 
 
@@ -94,6 +99,5 @@ def write_comparison_plot(
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
+    _title(figure, title)
     _save(figure, path)
