@@ -10,8 +10,9 @@ the student sampler (``save_weights_and_get_sampling_client``). Full fine-tuning
 
 TRL's ``SDFTTrainer`` (``trl.experimental.sdft``) runs the same job in the same process when
 ``trl`` is installed (it is not a project dependency): batch of 4 questions, one completion each,
-``max_completion_length=64``, ``distillation_topk=20``, everything else TRL's defaults (LoRA: peft
-``r=16, lora_alpha=32`` with peft's default target modules).
+``max_completion_length=64``, ``distillation_topk=20``, ``gradient_checkpointing=False`` (with TRL's
+default ``True`` generation runs without KV cache, about 50 s/step here), everything else TRL's
+defaults (LoRA: peft ``r=16, lora_alpha=32`` with peft's default target modules).
 
     python -m pytest benches/bench_step.py -p no:cacheprovider -s --benchmark-columns=mean,min,max,rounds
 
@@ -240,6 +241,10 @@ def _trl_trainer(mode: str, output_dir: Path) -> Any:
         logging_strategy="no",
         shuffle_dataset=False,
         disable_tqdm=True,
+        # TRL's default gradient checkpointing also turns the KV cache off during generation
+        # (quadratic re-computation, ~50 s/step here); without it TRL generates with the cache.
+        gradient_checkpointing=False,
+        use_cache=True,
     )
     peft_config = None
     if mode == "lora16":

@@ -208,12 +208,7 @@ fn read_cell_slices<I: TokenCell, F: LogprobCell>(ids: &[I], logprobs: &[F], out
     while end > 1 && sentinel_at(end - 1) {
         end -= 1;
     }
-    out.load(
-        ids.iter()
-            .zip(logprobs)
-            .take(end)
-            .map(|(id, logprob)| (id.to_id(), logprob.to_logprob())),
-    );
+    out.load_slices(ids, logprobs, end);
 }
 
 /// Reads a row's entries: none when its first cell is the sentinel; otherwise the cells up to the
@@ -394,7 +389,7 @@ impl Stats {
 struct RowBuffer {
     ids: Vec<i64>,
     logprobs: Vec<f64>,
-    probabilities: Vec<f64>,
+    exps: Vec<f64>,
     len: usize,
 }
 
@@ -403,7 +398,7 @@ impl RowBuffer {
         RowBuffer {
             ids: vec![0; topk],
             logprobs: vec![0.0; topk],
-            probabilities: vec![0.0; topk],
+            exps: vec![0.0; topk],
             len: 0,
         }
     }
@@ -422,44 +417,71 @@ impl RowBuffer {
         self.len = len;
     }
 
+    /// `load` for contiguous cells: the first `min(end, topk)` of them, in two plain loops.
+    #[inline(always)]
+    fn load_slices<I: TokenCell, F: LogprobCell>(&mut self, ids: &[I], logprobs: &[F], end: usize) {
+        let take = end.min(self.ids.len()).min(ids.len()).min(logprobs.len());
+        let (Some(id_slots), Some(logprob_slots), Some(ids), Some(logprobs)) = (
+            self.ids.get_mut(..take),
+            self.logprobs.get_mut(..take),
+            ids.get(..take),
+            logprobs.get(..take),
+        ) else {
+            self.len = 0;
+            return;
+        };
+        for (slot, id) in id_slots.iter_mut().zip(ids) {
+            *slot = id.to_id();
+        }
+        for (slot, logprob) in logprob_slots.iter_mut().zip(logprobs) {
+            *slot = logprob.to_logprob();
+        }
+        self.len = take;
+    }
+
     fn ids(&self) -> &[i64] {
         self.ids.get(..self.len).unwrap_or_default()
     }
 }
 
-/// Sums in four interleaved lanes combined in a fixed order: the same result on every CPU,
-/// without the serial dependency chain of a left-to-right sum.
+/// Lane helpers: reductions over four interleaved lanes combined in a fixed order give the same
+/// result on every CPU, without the serial dependency chain of a left-to-right loop.
 #[inline(always)]
-fn lane_sum(values: &[f64]) -> f64 {
-    let mut lanes = [0.0f64; 4];
-    for chunk in values.chunks(4) {
-        for (lane, &value) in lanes.iter_mut().zip(chunk) {
-            *lane += value;
-        }
-    }
+fn combine_sum(lanes: [f64; 4]) -> f64 {
     (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
 }
 
 #[inline(always)]
 fn lane_max(values: &[f64]) -> f64 {
     let mut lanes = [f64::NEG_INFINITY; 4];
-    for chunk in values.chunks(4) {
-        for (lane, &value) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(value);
+    let chunks = values.chunks_exact(4);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..4 {
+            lanes[lane] = lanes[lane].max(chunk[lane]);
         }
     }
+    for (lane, &value) in rest.iter().enumerate() {
+        lanes[lane] = lanes[lane].max(value);
+    }
+    combine_max(lanes)
+}
+
+#[inline(always)]
+fn combine_max(lanes: [f64; 4]) -> f64 {
     lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3]))
 }
 
 /// Where a written row goes.
 trait RowSink {
-    /// Writes `ids` and `probabilities * scale` (as f32) left-aligned into output row `row`; rows
-    /// arrive in strictly increasing order.
+    /// Writes `ids` and the weights `(exps * inverse_total) * scale` (as f32) left-aligned into
+    /// output row `row`; rows arrive in strictly increasing order.
     fn write_row(
         &mut self,
         row: usize,
         ids: &[i64],
-        probabilities: &[f64],
+        exps: &[f64],
+        inverse_total: f64,
         scale: f64,
     ) -> Result<(), String>;
 }
@@ -471,12 +493,13 @@ struct DenseSink<'o> {
 }
 
 impl RowSink for DenseSink<'_> {
-    #[inline]
+    #[inline(always)]
     fn write_row(
         &mut self,
         row: usize,
         ids: &[i64],
-        probabilities: &[f64],
+        exps: &[f64],
+        inverse_total: f64,
         scale: f64,
     ) -> Result<(), String> {
         let start = row * self.topk;
@@ -490,8 +513,8 @@ impl RowSink for DenseSink<'_> {
         for (out, &id) in tokens_out.iter_mut().zip(ids) {
             *out = id;
         }
-        for (out, &p) in weights_out.iter_mut().zip(probabilities) {
-            *out = (p * scale) as f32;
+        for (out, &e) in weights_out.iter_mut().zip(exps) {
+            *out = ((e * inverse_total) * scale) as f32;
         }
         Ok(())
     }
@@ -519,7 +542,8 @@ impl RowSink for CsrSink {
         &mut self,
         row: usize,
         ids: &[i64],
-        probabilities: &[f64],
+        exps: &[f64],
+        inverse_total: f64,
         scale: f64,
     ) -> Result<(), String> {
         if self.crow.len() > row + 1 {
@@ -529,7 +553,7 @@ impl RowSink for CsrSink {
         self.col.extend(0..ids.len() as i64);
         self.target_tokens.extend_from_slice(ids);
         self.weights
-            .extend(probabilities.iter().map(|&p| (p * scale) as f32));
+            .extend(exps.iter().map(|&e| ((e * inverse_total) * scale) as f32));
         Ok(())
     }
 }
@@ -702,6 +726,9 @@ fn fill_rows_body(
         .filter(|(_, &m)| m > 0.0)
         .map(|(j, _)| j)
         .take(n);
+    // Entropy of the written rows: sum over rows of ln(total) - sum p (lp - max).
+    let mut log_totals = LogProduct::new();
+    let mut expected_shifts = 0.0f64;
     for (t, student_pos) in completion_positions.enumerate() {
         if t < config.skip_first_n {
             stats.skipped_positions += 1;
@@ -714,7 +741,7 @@ fn fill_rows_body(
             continue;
         }
         let taken = buffer.len;
-        let kept = validate_and_filter(buffer, config.vocab_size).map_err(|(entry, problem)| {
+        let (kept, max) = validate_and_filter(buffer, config.vocab_size).map_err(|(entry, problem)| {
             datum_error(
                 index,
                 format!(
@@ -728,110 +755,153 @@ fn fill_rows_body(
             stats.vocab_emptied_positions += 1;
             continue;
         }
-        stats.entropy_sum += renormalize(buffer);
-        let probabilities = buffer.probabilities.get(..buffer.len).unwrap_or_default();
+        let row = renormalize(buffer, max);
+        log_totals.multiply(row.total);
+        expected_shifts += row.expected_shift;
+        let exps = buffer.exps.get(..buffer.len).unwrap_or_default();
         sink.write_row(
             student_pos,
             buffer.ids(),
-            probabilities,
+            exps,
+            row.inverse_total,
             config.weight_scale,
         )
         .map_err(|message| datum_error(index, message))?;
         stats.distilled_positions += 1;
     }
+    stats.entropy_sum = log_totals.ln() - expected_shifts;
     Ok(stats)
 }
 
 /// Checks every taken entry, then keeps (in order) the ones below `vocab_size`. Returns how many
-/// were kept, or the first bad entry's index and what is wrong with it.
+/// were kept and their largest log-prob, or the first bad entry's index and what is wrong with it.
 #[inline(always)]
 fn validate_and_filter(
     buffer: &mut RowBuffer,
     vocab_size: Option<i64>,
-) -> Result<usize, (usize, String)> {
+) -> Result<(usize, f64), (usize, String)> {
     let len = buffer.len;
     let (Some(ids), Some(logprobs)) = (buffer.ids.get_mut(..len), buffer.logprobs.get_mut(..len))
     else {
-        return Ok(0);
+        return Ok((0, f64::NEG_INFINITY));
     };
-    // One branch-free pass for the common case; the first bad entry is looked up only on failure.
-    let any_bad = ids
-        .iter()
-        .zip(logprobs.iter())
-        .fold(false, |bad, (&id, &logprob)| {
-            bad | !(0..=MAX_TOKEN_ID).contains(&id) | !logprob.is_finite()
-        });
-    if any_bad {
-        return Err(first_bad_entry(ids, logprobs));
-    }
-    if let Some(vocab) = vocab_size {
-        if ids.iter().fold(false, |any, &id| any | (id >= vocab)) {
-            let mut kept = 0;
-            for read in 0..len {
-                if ids[read] < vocab {
-                    ids[kept] = ids[read];
-                    logprobs[kept] = logprobs[read];
-                    kept += 1;
-                }
-            }
-            buffer.len = kept;
+    // One branch-free pass for the common case: validity, the vocabulary test and the maximum
+    // together. The first bad entry is looked up only on failure.
+    let vocab = vocab_size.unwrap_or(i64::MAX);
+    let (mut bad, mut outside_vocab) = (false, false);
+    let mut max_lanes = [f64::NEG_INFINITY; 4];
+    let mut check = |lane: usize, id: i64, logprob: f64| {
+        bad |= !(0..=MAX_TOKEN_ID).contains(&id) | !logprob.is_finite();
+        outside_vocab |= id >= vocab;
+        max_lanes[lane] = max_lanes[lane].max(logprob);
+    };
+    let (id_chunks, logprob_chunks) = (ids.chunks_exact(4), logprobs.chunks_exact(4));
+    let (id_rest, logprob_rest) = (id_chunks.remainder(), logprob_chunks.remainder());
+    for (id_chunk, logprob_chunk) in id_chunks.zip(logprob_chunks) {
+        for lane in 0..4 {
+            check(lane, id_chunk[lane], logprob_chunk[lane]);
         }
     }
-    Ok(buffer.len)
+    for (lane, (&id, &logprob)) in id_rest.iter().zip(logprob_rest).enumerate() {
+        check(lane, id, logprob);
+    }
+    if bad {
+        return Err(first_bad_entry(ids, logprobs));
+    }
+    if !outside_vocab {
+        return Ok((len, combine_max(max_lanes)));
+    }
+    let mut kept = 0;
+    for read in 0..len {
+        if ids[read] < vocab {
+            ids[kept] = ids[read];
+            logprobs[kept] = logprobs[read];
+            kept += 1;
+        }
+    }
+    buffer.len = kept;
+    Ok((kept, lane_max(logprobs.get(..kept).unwrap_or_default())))
 }
 
 #[cold]
 fn first_bad_entry(ids: &[i64], logprobs: &[f64]) -> (usize, String) {
     for (entry, (&id, &logprob)) in ids.iter().zip(logprobs).enumerate() {
         if !(0..=MAX_TOKEN_ID).contains(&id) {
-            return (
-                entry,
-                format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"),
-            );
+            return (entry, format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"));
         }
         if !logprob.is_finite() {
-            return (
-                entry,
-                format!("logprob is {logprob}; teacher logprobs must be finite"),
-            );
+            return (entry, format!("logprob is {logprob}; teacher logprobs must be finite"));
         }
     }
     (0, "invalid entry (internal error)".to_string())
 }
 
-/// Renormalizes the buffer's (finite, non-empty) log-probs in `f64`: leaves
-/// `exp(lp - logsumexp(lp))` in `buffer.probabilities` and returns the entropy `-sum p log p`.
+/// The renormalization of one row: `p = e / total = exp(lp - logsumexp(lp))` with
+/// `e = exp(lp - max)`; its entropy is `-sum p log p = ln(total) - expected_shift`.
+struct Renormalized {
+    total: f64,
+    inverse_total: f64,
+    /// `sum p (lp - max)` (non-positive).
+    expected_shift: f64,
+}
+
+/// Renormalizes the buffer's (finite, non-empty) log-probs, whose maximum is `max`, in `f64`,
+/// leaving `e = exp(lp - max)` in `buffer.exps`.
 #[inline(always)]
-fn renormalize(buffer: &mut RowBuffer) -> f64 {
+fn renormalize(buffer: &mut RowBuffer, max: f64) -> Renormalized {
     let len = buffer.len;
-    let (Some(logprobs), Some(probabilities)) = (
-        buffer.logprobs.get(..len),
-        buffer.probabilities.get_mut(..len),
-    ) else {
-        return 0.0;
+    let (Some(logprobs), Some(exps)) = (buffer.logprobs.get(..len), buffer.exps.get_mut(..len))
+    else {
+        return Renormalized { total: 1.0, inverse_total: 1.0, expected_shift: 0.0 };
     };
-    let max = lane_max(logprobs);
-    for (p, &logprob) in probabilities.iter_mut().zip(logprobs) {
-        *p = fast_exp::exp_non_positive(logprob - max);
+    for (e, &logprob) in exps.iter_mut().zip(logprobs) {
+        *e = fast_exp::exp_non_positive(logprob - max);
     }
-    let total = lane_sum(probabilities);
-    let log_total = total.ln();
-    let inverse_total = 1.0 / total;
-    let mut entropy = [0.0f64; 4];
-    for (p_chunk, logprob_chunk) in probabilities.chunks_mut(4).zip(logprobs.chunks(4)) {
-        for ((lane, p), &logprob) in entropy
-            .iter_mut()
-            .zip(p_chunk.iter_mut())
-            .zip(logprob_chunk)
-        {
-            let normalized = *p * inverse_total;
-            *p = normalized;
-            // An entry whose exp flushed to 0 contributes nothing (its shifted log may be -inf).
-            let term = normalized * ((logprob - max) - log_total);
-            *lane -= if normalized > 0.0 { term } else { 0.0 };
+    let mut total_lanes = [0.0f64; 4];
+    let mut weighted_lanes = [0.0f64; 4];
+    let mut accumulate = |lane: usize, e: f64, logprob: f64| {
+        total_lanes[lane] += e;
+        // An entry whose exp flushed to 0 contributes nothing (its shifted log may be -inf).
+        weighted_lanes[lane] += if e > 0.0 { e * (logprob - max) } else { 0.0 };
+    };
+    let (e_chunks, logprob_chunks) = (exps.chunks_exact(4), logprobs.chunks_exact(4));
+    let (e_rest, logprob_rest) = (e_chunks.remainder(), logprob_chunks.remainder());
+    for (e_chunk, logprob_chunk) in e_chunks.zip(logprob_chunks) {
+        for lane in 0..4 {
+            accumulate(lane, e_chunk[lane], logprob_chunk[lane]);
         }
     }
-    (entropy[0] + entropy[1]) + (entropy[2] + entropy[3])
+    for (lane, (&e, &logprob)) in e_rest.iter().zip(logprob_rest).enumerate() {
+        accumulate(lane, e, logprob);
+    }
+    let total = combine_sum(total_lanes);
+    let inverse_total = 1.0 / total;
+    Renormalized { total, inverse_total, expected_shift: combine_sum(weighted_lanes) * inverse_total }
+}
+
+/// `ln` of a product of numbers `>= 1`, kept as mantissa and binary exponent: one `ln` per datum
+/// instead of one per row (the entropy needs `sum ln(total)` only).
+struct LogProduct {
+    mantissa: f64,
+    exponent: i64,
+}
+
+impl LogProduct {
+    fn new() -> Self {
+        LogProduct { mantissa: 1.0, exponent: 0 }
+    }
+
+    /// Multiplies by a finite `factor >= 1` (a row total: the max entry contributes `exp(0)`).
+    #[inline(always)]
+    fn multiply(&mut self, factor: f64) {
+        let bits = (self.mantissa * factor).to_bits();
+        self.exponent += ((bits >> 52) & 0x7ff) as i64 - 1023;
+        self.mantissa = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | (1023u64 << 52));
+    }
+
+    fn ln(&self) -> f64 {
+        self.mantissa.ln() + self.exponent as f64 * std::f64::consts::LN_2
+    }
 }
 
 /// Runs `work` item by item on up to `threads` threads, in contiguous groups balanced by `cost`.

@@ -301,8 +301,12 @@ def test_snapshot_sampler_is_frozen_and_inflight_follows(
         client.optim_step(types.AdamParams(learning_rate=5e-2))
     assert snapshot.compute_logprobs(prompt).result() == before
     later = client.save_weights_and_get_sampling_client().result().compute_logprobs(prompt).result()
-    assert inflight.compute_logprobs(prompt).result() == later
-    assert later[1:] != before[1:]
+    # The snapshot may run merged LoRA weights, the in-flight sampler the adapters: equal values,
+    # float32 rounding apart.
+    np.testing.assert_allclose(
+        inflight.compute_logprobs(prompt).result()[1:], later[1:], rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(later[1:], before[1:], atol=1e-3)
 
 
 def test_sampled_logprobs_equal_recomputed_logprobs(backend: Backend, tiny_tokenizer: Any) -> None:
@@ -532,7 +536,12 @@ def test_sampler_checkpoint_samples_like_the_trained_weights(
     assert saved.path.endswith("/sampler_weights/sampler")
     from_path = client.create_sampling_client(saved.path).result()
     snapshot = client.save_weights_and_get_sampling_client().result()
-    assert from_path.compute_logprobs(prompt).result() == snapshot.compute_logprobs(prompt).result()
+    np.testing.assert_allclose(
+        from_path.compute_logprobs(prompt).result()[1:],
+        snapshot.compute_logprobs(prompt).result()[1:],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_get_info_and_tokenizer(backend: Backend) -> None:

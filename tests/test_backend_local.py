@@ -127,7 +127,9 @@ def test_optim_step_is_torch_adamw_with_tinkers_parameters(local_service: Any) -
     )
     named = client.trainable_parameters
     reference = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
-    optimizer = torch.optim.AdamW(reference, lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2)
+    optimizer = torch.optim.AdamW(
+        reference, lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2, fused=True
+    )
     for _ in range(2):
         client.forward_backward([random_datum(rng, 10)], "cross_entropy").result()
         for ref, (_, p) in zip(reference, named, strict=True):
@@ -669,3 +671,51 @@ def test_closed_service_refuses_work(tmp_path: Path) -> None:
             LocalServiceClient(tmp_path, device="cuda")
         else:
             raise ValueError("no CUDA device (skipped: a GPU is present)")
+
+
+# --- oneDNN float32 linear ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_torch_forward_and_backward(bias: bool) -> None:
+    from sdft.backends.local._cpu_linear import onednn_linear_available, use_onednn_linears
+
+    if not onednn_linear_available():
+        pytest.skip("oneDNN float32 linear not available in this torch build")
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(24, 40, bias=bias), torch.nn.Linear(40, 8, bias=bias)
+    )
+    fast = copy.deepcopy(plain)
+    assert use_onednn_linears(fast) == 2
+    x = torch.randn(3, 5, 24)
+    x_fast = x.clone().requires_grad_(True)
+    x_plain = x.clone().requires_grad_(True)
+    out_fast, out_plain = fast(x_fast), plain(x_plain)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out_plain)
+    out_fast.backward(grad)
+    out_plain.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    # Frozen weights get no gradient; other dtypes take torch's own path.
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    y = fast(torch.randn(2, 24, requires_grad=True))
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in plain.parameters())
+    bf16 = copy.deepcopy(fast).to(torch.bfloat16)
+    torch.testing.assert_close(bf16(x.bfloat16()).float(), plain(x).detach(), rtol=5e-2, atol=5e-2)
+
+
+def test_unmerged_lora_snapshots_equal_the_live_adapters(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    with LocalServiceClient(tmp_path, device="cpu", merge_lora_for_sampling=False) as service:
+        client, prompt = _trained_lora(service, tiny_tokenizer)
+        snapshot = client.save_weights_and_get_sampling_client().result()
+        inflight = client.save_weights_and_get_sampling_client(kind="inflight").result()
+        assert (
+            snapshot.compute_logprobs(prompt).result() == inflight.compute_logprobs(prompt).result()
+        )

@@ -320,8 +320,14 @@ def restore_optimizer(
             raise CorruptCheckpointError(
                 f"checkpoint {shown}: optimizer state of {name} has the wrong shape"
             )
+        # fused / capturable AdamW keep the step count on the parameter's device
+        on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
         optimizer.state[param] = {
-            "step": torch.tensor(state["steps"][name], dtype=torch.float32),
+            "step": torch.tensor(
+                state["steps"][name],
+                dtype=torch.float32,
+                device=param.device if on_device else "cpu",
+            ),
             "exp_avg": exp_avg.to(device=param.device, dtype=param.dtype),
             "exp_avg_sq": exp_avg_sq.to(device=param.device, dtype=param.dtype),
         }

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdft.backends.local._cpu_linear import use_onednn_linears
 from sdft.backends.local._worker import SerialWorker
 from sdft.models import load_model, load_tokenizer, max_context_length
 
@@ -86,8 +87,11 @@ class ModelRuntime:
         tokenizer: Any,
         device: torch.device,
         label: str,
+        fast_cpu_linear: bool = True,
     ) -> None:
         self.module = module
+        if fast_cpu_linear and device.type == "cpu":
+            use_onednn_linears(module)
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.device = device
@@ -327,6 +331,29 @@ def lora_delta(layer: nn.Module) -> torch.Tensor:
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.T
     return delta
+
+
+def merged_lora_weight(layer: nn.Module) -> torch.Tensor:
+    """``W0 + scale * B @ A`` of one LoRA linear layer, in the base weight's dtype (a new tensor)."""
+    base = layer.base_layer.weight
+    return (base.detach().float() + lora_delta(layer)).to(base.dtype)
+
+
+def merged_lora_view(
+    module: nn.Module, merged: list[tuple[nn.Module, torch.Tensor]], *, label: str
+) -> WeightView:
+    """A view that runs each LoRA layer's base linear with ``merged`` weights and adapters off.
+
+    Only the adapted layer's own ``base_layer.weight`` is re-bound, so a tied input embedding keeps
+    the base weights even when the (tied) lm_head is adapted.
+    """
+    return WeightView(
+        rebinds=[
+            (layer.base_layer, "weight", frozen_parameter(weight)) for layer, weight in merged
+        ],
+        disable_adapters=True,
+        label=label,
+    )
 
 
 def trainable_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

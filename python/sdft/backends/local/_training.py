@@ -32,9 +32,9 @@ from sdft.backends.local._losses import datum_loss, forward_kl, rows_with_gradie
 from sdft.backends.local._runtime import (
     ModelRuntime,
     WeightView,
-    frozen_parameter,
-    lora_delta,
     lora_layers,
+    merged_lora_view,
+    merged_lora_weight,
     trainable_named_parameters,
     view_replacing,
 )
@@ -89,27 +89,17 @@ class _EmaTeacher:
                 self.layers = []
             else:
                 self.tensors = {}
-                self.layers = [(layer, self._merged(layer)) for _, layer in lora_layers(module)]
-                self.view = WeightView(
-                    rebinds=[
-                        (layer.base_layer, "weight", frozen_parameter(merged))
-                        for layer, merged in self.layers
-                    ],
-                    disable_adapters=True,
-                    label=f"ema(alpha={alpha})",
-                )
+                self.layers = [
+                    (layer, merged_lora_weight(layer)) for _, layer in lora_layers(module)
+                ]
+                self.view = merged_lora_view(module, self.layers, label=f"ema(alpha={alpha})")
         self._params = dict((id(p), p) for _, p in client.trainable_parameters)
-
-    @staticmethod
-    def _merged(layer: Any) -> torch.Tensor:
-        base = layer.base_layer.weight
-        return (base.detach().float() + lora_delta(layer)).to(base.dtype)
 
     @torch.no_grad()
     def update(self) -> None:
         if self.layers:
             for layer, merged in self.layers:
-                merged.lerp_(self._merged(layer), self.alpha)
+                merged.lerp_(merged_lora_weight(layer), self.alpha)
         else:
             for param_id, tensor in self.tensors.items():
                 tensor.lerp_(self._params[param_id].detach(), self.alpha)
@@ -136,13 +126,7 @@ class LocalTrainingClient:
         self.user_metadata = dict(user_metadata or {})
         self.model_id = f"local-{uuid.uuid4().hex[:12]}"
         self.trainable_parameters = trainable_named_parameters(runtime.module)
-        self.optimizer = torch.optim.AdamW(
-            [p for _, p in self.trainable_parameters],
-            lr=types.AdamParams().learning_rate,
-            betas=(types.AdamParams().beta1, types.AdamParams().beta2),
-            eps=types.AdamParams().eps,
-            weight_decay=0.0,
-        )
+        self.optimizer = make_adamw([p for _, p in self.trainable_parameters])
         self.optim_steps = 0
         self._version = 0
         # EMA teachers stay alive as long as a sampler uses them (the sampler owns its EMA).
@@ -424,11 +408,19 @@ class LocalTrainingClient:
                 else None
             )
             if cached is None:
+                label = f"snapshot after {self.optim_steps} steps"
                 with torch.no_grad():
-                    copies = {id(p): p.detach().clone() for _, p in self.trainable_parameters}
-                cached = view_replacing(
-                    self.runtime.module, copies, label=f"snapshot after {self.optim_steps} steps"
-                )
+                    if self.lora is not None and self.service.merge_lora_for_sampling:
+                        # Adapters merged into plain weights: sampling then runs one GEMM per
+                        # layer instead of three (base, A, B).
+                        merged = [
+                            (layer, merged_lora_weight(layer))
+                            for _, layer in lora_layers(self.runtime.module)
+                        ]
+                        cached = merged_lora_view(self.runtime.module, merged, label=label)
+                    else:
+                        copies = {id(p): p.detach().clone() for _, p in self.trainable_parameters}
+                        cached = view_replacing(self.runtime.module, copies, label=label)
                 self._snapshot = (self._version, weakref.ref(cached))
             view = cached
         return LocalSamplingClient(
@@ -749,6 +741,27 @@ class LocalTrainingClient:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def make_adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """torch's AdamW with Tinker's default hyper-parameters (each optim_step sets its own).
+
+    The fused implementation (one kernel over all tensors; several times faster on CPU) is used
+    where torch supports it for these parameters.
+    """
+    defaults = types.AdamParams()
+    kwargs: dict[str, Any] = {
+        "lr": defaults.learning_rate,
+        "betas": (defaults.beta1, defaults.beta2),
+        "eps": defaults.eps,
+        "weight_decay": defaults.weight_decay,
+    }
+    fusable = all(
+        p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in params
+    )
+    return torch.optim.AdamW(params, fused=fusable or None, **kwargs)
 
 
 def _ordered(
