@@ -43,8 +43,12 @@ def make_batch(num_datums: int, seed: int = 0):
     for _ in range(num_datums):
         completion = rng.integers(0, VOCAB, COMPLETION)
         prompt = tinker.ModelInput.from_ints(rng.integers(0, VOCAB, STUDENT_PROMPT).tolist())
-        student_data.append(sdft.student_datum_from_rollout(prompt=prompt, completion_tokens=completion))
-        slices.append(sdft.CompletionSlice(tokens=completion.tolist(), teacher_prompt_len=TEACHER_PROMPT))
+        student_data.append(
+            sdft.student_datum_from_rollout(prompt=prompt, completion_tokens=completion)
+        )
+        slices.append(
+            sdft.CompletionSlice(tokens=completion.tolist(), teacher_prompt_len=TEACHER_PROMPT)
+        )
         rows = TEACHER_PROMPT + COMPLETION
         ids = rng.integers(0, VOCAB + 300, (rows, TOPK), dtype=np.int64).astype(np.int32)
         logprobs = -np.sort(rng.exponential(2.0, (rows, TOPK)), axis=1).astype(np.float32)
@@ -53,10 +57,14 @@ def make_batch(num_datums: int, seed: int = 0):
     return student_data, slices, teachers
 
 
-def numpy_topk_targets(student_data, completion_slices, teachers, topk=TOPK, vocab_size=VOCAB, skip_first_n=3):
+def numpy_topk_targets(
+    student_data, completion_slices, teachers, topk=TOPK, vocab_size=VOCAB, skip_first_n=3
+):
     """A vectorized numpy version of build_topk_targets (dense input only, no validation)."""
     datums = []
-    for datum, completion_slice, teacher in zip(student_data, completion_slices, teachers, strict=True):
+    for datum, completion_slice, teacher in zip(
+        student_data, completion_slices, teachers, strict=True
+    ):
         rows = datum.model_input.length
         target_tokens = np.zeros((rows, topk), np.int64)
         weights = np.zeros((rows, topk), np.float32)
@@ -92,7 +100,9 @@ def numpy_topk_targets(student_data, completion_slices, teachers, topk=TOPK, voc
             tinker.Datum(
                 model_input=datum.model_input,
                 loss_fn_inputs={
-                    "target_tokens": tinker.TensorData(data=target_tokens, dtype="int64", shape=[rows, topk]),
+                    "target_tokens": tinker.TensorData(
+                        data=target_tokens, dtype="int64", shape=[rows, topk]
+                    ),
                     "weights": tinker.TensorData(data=weights, dtype="float32", shape=[rows, topk]),
                 },
             )
@@ -104,12 +114,22 @@ def numpy_topk_targets(student_data, completion_slices, teachers, topk=TOPK, voc
 def recipe_batch():
     student_data, slices, teachers = make_batch(64)
     datums, _ = sdft.build_topk_targets(
-        student_data=student_data, completion_slices=slices, teacher_topk_logprobs=teachers, topk=TOPK, vocab_size=VOCAB
+        student_data=student_data,
+        completion_slices=slices,
+        teacher_topk_logprobs=teachers,
+        topk=TOPK,
+        vocab_size=VOCAB,
     )
     # Every contender must produce the same datums as the kernel.
-    for theirs, ours in zip(numpy_topk_targets(student_data, slices, teachers), datums, strict=True):
+    for theirs, ours in zip(
+        numpy_topk_targets(student_data, slices, teachers), datums, strict=True
+    ):
         for key in ("target_tokens", "weights"):
-            np.testing.assert_allclose(theirs.loss_fn_inputs[key].to_numpy(), ours.loss_fn_inputs[key].to_numpy(), atol=1e-6)
+            np.testing.assert_allclose(
+                theirs.loss_fn_inputs[key].to_numpy(),
+                ours.loss_fn_inputs[key].to_numpy(),
+                atol=1e-6,
+            )
     return student_data, slices, teachers
 
 
@@ -173,7 +193,9 @@ def test_rust_list_input(benchmark, recipe_batch, recipe_lists):
 def test_numpy_vectorized(benchmark, recipe_batch):
     student_data, slices, teachers = recipe_batch
     benchmark.extra_info["positions"] = len(student_data) * COMPLETION
-    benchmark.pedantic(numpy_topk_targets, args=(student_data, slices, teachers), rounds=8, warmup_rounds=1)
+    benchmark.pedantic(
+        numpy_topk_targets, args=(student_data, slices, teachers), rounds=8, warmup_rounds=1
+    )
 
 
 @pytest.mark.benchmark(group="topk-targets-recipe")
@@ -256,7 +278,9 @@ def test_peak_memory(benchmark, form, sparse):
 
     def probe():
         script = MEMORY_PROBE.format(bench_dir=os.path.dirname(__file__), form=form, sparse=sparse)
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
+        )
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     measured = benchmark.pedantic(probe, rounds=1, iterations=1)

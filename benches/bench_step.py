@@ -22,6 +22,9 @@ defaults (LoRA: peft ``r=16, lora_alpha=32`` with peft's default target modules)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import os
 import threading
 from pathlib import Path
@@ -71,6 +74,13 @@ ROUNDS = int(os.environ.get("SDFT_BENCH_ROUNDS", "3"))
 THREADS = len(os.sched_getaffinity(0))
 
 RESULTS: dict[str, dict[str, float]] = {}
+
+
+def _release_memory() -> None:
+    """Free what earlier cases left behind, so each case's peak is its own."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_peak_rss() -> bool:
@@ -184,24 +194,19 @@ class LocalSDFT:
         }
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    torch.set_num_threads(THREADS)
-    with LocalServiceClient(
-        tmp_path_factory.mktemp("bench-ckpt"), device="cpu", dtype="float32"
-    ) as svc:
-        yield svc
-
-
 @pytest.mark.parametrize("mode", ["full", "lora16"])
-def test_local_sdft_step(benchmark: Any, service: LocalServiceClient, mode: str) -> None:
-    job = LocalSDFT(service, lora=mode == "lora16")
-    job.step()  # warm-up (allocations, first-call overheads)
-    _reset_peak_rss()
-    result = benchmark.pedantic(job.step, rounds=ROUNDS, iterations=1)
+def test_local_sdft_step(benchmark: Any, tmp_path: Path, mode: str) -> None:
+    torch.set_num_threads(THREADS)
+    _release_memory()
+    with LocalServiceClient(tmp_path, device="cpu", dtype="float32") as service:
+        job = LocalSDFT(service, lora=mode == "lora16")
+        job.step()  # warm-up (allocations, first-call overheads)
+        _reset_peak_rss()
+        result = benchmark.pedantic(job.step, rounds=ROUNDS, iterations=1)
+        peak = _peak_rss_mib()
     assert result["positions"] == len(QUESTIONS) * (COMPLETION_TOKENS - 3)
     assert result["loss"] > 0
-    _report(f"local {mode}", benchmark, _peak_rss_mib())
+    _report(f"local {mode}", benchmark, peak)
 
 
 # --- TRL side by side ---------------------------------------------------------------------------
@@ -267,6 +272,7 @@ def test_trl_sdft_step(benchmark: Any, tmp_path: Path, mode: str) -> None:
     from transformers import TrainerCallback
 
     torch.set_num_threads(THREADS)
+    _release_memory()
     trainer = _trl_trainer(mode, tmp_path)
     go, done = threading.Event(), threading.Event()
 

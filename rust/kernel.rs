@@ -741,15 +741,16 @@ fn fill_rows_body(
             continue;
         }
         let taken = buffer.len;
-        let (kept, max) = validate_and_filter(buffer, config.vocab_size).map_err(|(entry, problem)| {
-            datum_error(
-                index,
-                format!(
-                    "{}, entry {entry}: {problem}",
-                    position_context(t, student_pos, teacher_row)
-                ),
-            )
-        })?;
+        let (kept, max) =
+            validate_and_filter(buffer, config.vocab_size).map_err(|(entry, problem)| {
+                datum_error(
+                    index,
+                    format!(
+                        "{}, entry {entry}: {problem}",
+                        position_context(t, student_pos, teacher_row)
+                    ),
+                )
+            })?;
         stats.vocab_filtered_ids += (taken - kept) as u64;
         if kept == 0 {
             stats.vocab_emptied_positions += 1;
@@ -827,10 +828,16 @@ fn validate_and_filter(
 fn first_bad_entry(ids: &[i64], logprobs: &[f64]) -> (usize, String) {
     for (entry, (&id, &logprob)) in ids.iter().zip(logprobs).enumerate() {
         if !(0..=MAX_TOKEN_ID).contains(&id) {
-            return (entry, format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"));
+            return (
+                entry,
+                format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"),
+            );
         }
         if !logprob.is_finite() {
-            return (entry, format!("logprob is {logprob}; teacher logprobs must be finite"));
+            return (
+                entry,
+                format!("logprob is {logprob}; teacher logprobs must be finite"),
+            );
         }
     }
     (0, "invalid entry (internal error)".to_string())
@@ -852,7 +859,11 @@ fn renormalize(buffer: &mut RowBuffer, max: f64) -> Renormalized {
     let len = buffer.len;
     let (Some(logprobs), Some(exps)) = (buffer.logprobs.get(..len), buffer.exps.get_mut(..len))
     else {
-        return Renormalized { total: 1.0, inverse_total: 1.0, expected_shift: 0.0 };
+        return Renormalized {
+            total: 1.0,
+            inverse_total: 1.0,
+            expected_shift: 0.0,
+        };
     };
     for (e, &logprob) in exps.iter_mut().zip(logprobs) {
         *e = fast_exp::exp_non_positive(logprob - max);
@@ -876,7 +887,11 @@ fn renormalize(buffer: &mut RowBuffer, max: f64) -> Renormalized {
     }
     let total = combine_sum(total_lanes);
     let inverse_total = 1.0 / total;
-    Renormalized { total, inverse_total, expected_shift: combine_sum(weighted_lanes) * inverse_total }
+    Renormalized {
+        total,
+        inverse_total,
+        expected_shift: combine_sum(weighted_lanes) * inverse_total,
+    }
 }
 
 /// `ln` of a product of numbers `>= 1`, kept as mantissa and binary exponent: one `ln` per datum
@@ -888,7 +903,10 @@ struct LogProduct {
 
 impl LogProduct {
     fn new() -> Self {
-        LogProduct { mantissa: 1.0, exponent: 0 }
+        LogProduct {
+            mantissa: 1.0,
+            exponent: 0,
+        }
     }
 
     /// Multiplies by a finite `factor >= 1` (a row total: the max entry contributes `exp(0)`).

@@ -482,7 +482,7 @@ fn thread_count(requested: usize, total_rows: usize) -> usize {
     if requested > 0 {
         return requested;
     }
-    if total_rows < 16_384 {
+    if total_rows < 4_096 {
         return 1;
     }
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))

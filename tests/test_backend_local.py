@@ -719,3 +719,28 @@ def test_unmerged_lora_snapshots_equal_the_live_adapters(
         assert (
             snapshot.compute_logprobs(prompt).result() == inflight.compute_logprobs(prompt).result()
         )
+
+
+def test_inverse_cdf_sampling_is_exact_over_a_large_vocabulary() -> None:
+    generator = torch.Generator().manual_seed(0)
+    vocab = 3_000  # 12 blocks of 256, the last one partial
+    probs = torch.rand(1, vocab, generator=generator) ** 8  # a skewed distribution
+    probs[0, 1234] = 0.0
+    probs /= probs.sum()
+    draws = 24_000
+    uniforms = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    picks = torch.cat(
+        [
+            _inference._inverse_cdf(probs.expand(len(chunk), vocab), chunk.float())
+            for chunk in uniforms.split(4_000)
+        ]
+    )
+    counts = torch.bincount(picks, minlength=vocab).double()
+    # Evenly spaced draws hit every token within one draw of its expected count.
+    assert float((counts - probs[0].double() * draws).abs().max()) <= 1.0 + 1e-6
+    assert counts[1234] == 0
+    edges = torch.tensor([0.0, 1.0 - 1e-9])
+    ends = _inference._inverse_cdf(probs.expand(2, vocab), edges.float())
+    assert ends[0] == int(torch.nonzero(probs[0])[0]) and ends[1] == int(
+        torch.nonzero(probs[0])[-1]
+    )

@@ -36,6 +36,7 @@ def build_topk_batch(
     skip_first_n: int,
     weight_scale: float,
     sparse: bool,
+    threads: int = 0,
 ) -> tuple[list[DenseOutput] | list[CsrOutput], dict[str, Any]]:
     """Build the ``(N, topk)`` targets of a batch with the GIL released.
 
@@ -46,4 +47,13 @@ def build_topk_batch(
     (``sparse=True``), and the counters ``completion_tokens``, ``distilled_positions``,
     ``skipped_positions``, ``missing_teacher_rows``, ``vocab_emptied_positions``,
     ``vocab_filtered_ids``, ``truncated_positions`` (ints) and ``entropy_sum`` (float).
+    Dense outputs are views into one buffer per tensor kind (an :class:`OutputBuffer`, their
+    ``.base``). ``threads=0`` picks one thread per core (up to 8) for batches of 4096+ rows; the
+    result never depends on the thread count.
     """
+
+class OutputBuffer:
+    """Owner of a batch's dense output memory (the ``.base`` of the returned arrays)."""
+
+    @property
+    def nbytes(self) -> int: ...

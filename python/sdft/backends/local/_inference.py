@@ -218,18 +218,17 @@ def score_prompts(
     for start in range(0, total, chunk):
         end = min(total, start + chunk)
         hidden = pre.select(us[start:end], positions[start:end])
-        logits = rt.logits(hidden)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        logprobs = rt.full_logprobs(hidden)
         token_lp[start:end] = (
-            (logits.gather(1, tokens[start:end, None].to(logits.device)) - lse).squeeze(1).cpu()
+            logprobs.gather(1, tokens[start:end, None].to(logprobs.device)).squeeze(1).cpu()
         )
         if k_max:
-            values, ids = torch.topk(logits, k_max, dim=-1)
+            values, ids = torch.topk(logprobs, k_max, dim=-1)
             top_ids[start:end] = ids.to(torch.int32).cpu()
-            top_lp[start:end] = (values - lse).cpu()
+            top_lp[start:end] = values.cpu()
         if targets is not None:
-            chunk_targets = targets[start:end].to(logits.device)
-            gathered = logits.gather(1, chunk_targets.clamp(min=0)) - lse
+            chunk_targets = targets[start:end].to(logprobs.device)
+            gathered = logprobs.gather(1, chunk_targets.clamp(min=0))
             target_lp[start:end] = torch.where(
                 chunk_targets >= 0, gathered, torch.zeros_like(gathered)
             ).cpu()
@@ -295,54 +294,77 @@ class _Row:
     stop_reason: str | None = None
 
 
+_CDF_BLOCK = 256
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index ``i`` of each row with ``cdf[i - 1] <= u * total < cdf[i]``, exact up to float32
+    rounding: float64 cumulative sums over blocks of 256 entries, then inside the chosen block
+    (a float32 cumsum over 50k-150k entries would be off by ~1e-4)."""
+    rows, vocab = probs.shape
+    blocks = -(-vocab // _CDF_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, blocks * _CDF_BLOCK - vocab)).view(
+        rows, blocks, _CDF_BLOCK
+    )
+    block_mass = padded.sum(dim=-1, dtype=torch.float64)
+    block_cdf = block_mass.cumsum(dim=-1)
+    draw = uniforms.to(torch.float64) * block_cdf[:, -1]
+    block = torch.searchsorted(block_cdf, draw[:, None], right=True).clamp(max=blocks - 1)
+    inside_draw = draw - (block_cdf.gather(1, block) - block_mass.gather(1, block)).squeeze(1)
+    row_index = torch.arange(rows, device=probs.device)
+    inner = padded[row_index, block.squeeze(1)]
+    inner_cdf = inner.to(torch.float64).cumsum(dim=-1)
+    offset = torch.searchsorted(inner_cdf, inside_draw[:, None], right=True).squeeze(1)
+    # Rounding can push the draw past the block's last positive entry: take that entry then.
+    last_positive = _CDF_BLOCK - 1 - (inner > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+    offset = torch.minimum(offset, last_positive)
+    return block.squeeze(1) * _CDF_BLOCK + offset
+
+
 def _choose_tokens(
-    logits: torch.Tensor,
+    logprobs: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     uniforms: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row -> (tokens, log-prob under the distribution actually sampled).
+    """Pick one token per row of full-vocabulary log-probs ``(B, V)`` -> (tokens, log-prob under
+    the distribution actually sampled).
 
     Temperature 0 is greedy (log-prob 0). Otherwise: temperature, then top-k, then top-p on the
     renormalized distribution, then inverse-CDF sampling with the row's uniform draw (so a seeded
     request is reproducible whatever else shares its batch).
     """
-    rows, vocab = logits.shape
-    tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
-    chosen_lp = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    rows, vocab = logprobs.shape
+    tokens = torch.empty(rows, dtype=torch.long, device=logprobs.device)
+    chosen_lp = torch.zeros(rows, dtype=torch.float32, device=logprobs.device)
     greedy = temperature <= 0
     if bool(greedy.any()):
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
+        tokens[greedy] = logprobs[greedy].argmax(dim=-1)
     sampled = ~greedy
     if not bool(sampled.any()):
         return tokens, chosen_lp
-    # float64 keeps the inverse CDF exact enough over a 50k-150k vocabulary.
-    scaled = logits[sampled].double() / temperature[sampled, None]
+    scaled = logprobs[sampled] / temperature[sampled, None]
     k = top_k[sampled]
     p = top_p[sampled]
     u = uniforms[sampled]
-    filtering = bool((k > 0).any()) or bool((p < 1).any())
-    if filtering:
+    if bool((k > 0).any()) or bool((p < 1).any()):
         values, order = torch.sort(scaled, dim=-1, descending=True)
         probs = torch.softmax(values, dim=-1)
         limit = torch.where(k > 0, k, torch.full_like(k, vocab))
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        ranks = torch.arange(vocab, device=logprobs.device)[None, :]
         probs = torch.where(ranks < limit[:, None], probs, torch.zeros_like(probs))
         probs = probs / probs.sum(dim=-1, keepdim=True)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each candidate
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each candidate (sorted)
         probs = torch.where(before < p[:, None], probs, torch.zeros_like(probs))
         probs = probs / probs.sum(dim=-1, keepdim=True)
     else:
         order = None
         probs = torch.softmax(scaled, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    draw = (u * cdf[:, -1]).unsqueeze(1)
-    index = torch.searchsorted(cdf, draw, right=True).clamp(max=vocab - 1)
-    picked_prob = probs.gather(1, index).squeeze(1)
-    picked = index.squeeze(1) if order is None else order.gather(1, index).squeeze(1)
-    tokens[sampled] = picked
-    chosen_lp[sampled] = torch.log(picked_prob).float()
+    index = _inverse_cdf(probs, u)
+    picked_prob = probs.gather(1, index[:, None]).squeeze(1)
+    tokens[sampled] = index if order is None else order.gather(1, index[:, None]).squeeze(1)
+    chosen_lp[sampled] = torch.log(picked_prob)
     return tokens, chosen_lp
 
 
@@ -392,16 +414,16 @@ def generate(
     def step(active: list[int], logits: torch.Tensor) -> list[int]:
         """Append one token to each row of ``active`` (row ids, aligned with ``logits``)."""
         index = torch.tensor(active, device=device)
+        logprobs = torch.log_softmax(logits, dim=-1)
         tokens, sampled_lp = _choose_tokens(
-            logits, temperature[index], top_k[index], top_p[index], draws(active)
+            logprobs, temperature[index], top_k[index], top_p[index], draws(active)
         )
-        lse = torch.logsumexp(logits, dim=-1)
-        raw_lp = logits.gather(1, tokens[:, None]).squeeze(1) - lse
+        raw_lp = logprobs.gather(1, tokens[:, None]).squeeze(1)
         reported = (sampled_lp if tempered_logprobs else raw_lp).cpu().tolist()
         top = None
         if k_sample:
-            values, ids = torch.topk(logits, k_sample, dim=-1)
-            top = (ids.to(torch.int32).cpu().numpy(), (values - lse[:, None]).cpu().numpy())
+            values, ids = torch.topk(logprobs, k_sample, dim=-1)
+            top = (ids.to(torch.int32).cpu().numpy(), values.cpu().numpy())
         token_list = tokens.cpu().tolist()
         finished = []
         for j, row_id in enumerate(active):

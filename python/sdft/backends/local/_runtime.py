@@ -26,7 +26,7 @@ from sdft.backends.local._worker import SerialWorker
 from sdft.models import load_model, load_tokenizer, max_context_length
 
 # Logits of at most this many bytes are materialized at once (rows are processed in chunks).
-LOGITS_CHUNK_BYTES = 256 * 2**20
+LOGITS_CHUNK_BYTES = 128 * 2**20
 
 _runtime_ids = itertools.count()
 
@@ -157,9 +157,9 @@ class ModelRuntime:
     def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``log p(targets[r, k] | row r)`` for hidden rows ``(R, H)``, targets ``(R, K)``.
 
-        Uses ``gather - logsumexp`` (no full log-softmax copy). Differentiable when grad is
-        enabled; large row counts are split into chunks whose logits are recomputed in the
-        backward pass instead of being kept alive.
+        Differentiable when grad is enabled. Rows are processed in chunks of bounded size; with
+        several chunks under autograd, each chunk's logits are recomputed in the backward pass
+        instead of being kept alive.
         """
         rows = hidden.shape[0]
         targets = targets.to(self.device)
@@ -183,8 +183,10 @@ class ModelRuntime:
         return torch.cat(parts)
 
     def _target_logprobs_chunk(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(hidden)
-        return logits.gather(1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        # log_softmax + gather rather than gather - logsumexp: torch's fused log_softmax kernel is
+        # 1.5-25x faster than logsumexp on CPU (forward and backward) and autograd keeps one
+        # (rows, vocab) tensor either way; the logits themselves are freed right after.
+        return torch.log_softmax(self.logits(hidden), dim=-1).gather(1, targets)
 
     def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary log-softmax of hidden rows ``(R, H)`` -> ``(R, V)`` float32."""
