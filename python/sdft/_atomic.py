@@ -25,6 +25,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; the published file or directory gets the
+# mode that open()/mkdir() would have given it.
+def _default_file_mode() -> int:
+    return 0o666 & ~_current_umask()
+
+
+def _default_dir_mode() -> int:
+    return 0o777 & ~_current_umask()
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     target = Path(path)
@@ -34,6 +50,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), _default_file_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -78,6 +95,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, _default_dir_mode())
     try:
         yield tmp
         for child in tmp.rglob("*"):
