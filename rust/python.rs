@@ -262,7 +262,7 @@ fn gather_list_rows(
     gathered.logprobs.clear();
     for row in window {
         let where_ = |entry: Option<usize>| {
-            let at = list_position(mask, row - teacher_prompt_len, row);
+            let at = list_position(mask, row.saturating_sub(teacher_prompt_len), row);
             match entry {
                 Some(entry) => format!("{at}, entry {entry}"),
                 None => at,
