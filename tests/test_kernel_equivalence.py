@@ -665,3 +665,40 @@ def test_serializes_to_tinker_wire_format():
         else:
             dense = np.frombuffer(message.dense, dtype=np.float32).reshape(8, 3)
             np.testing.assert_array_equal(dense, weights.to_numpy())
+
+
+def test_the_kernel_releases_the_gil_while_it_works():
+    """A Python thread keeps running while another thread is inside the kernel."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(5)
+    mask = np.ones(1024, np.float32)
+    ids = rng.integers(0, 1000, (1100, 20)).astype(np.int32)
+    logprobs = -np.sort(rng.exponential(2.0, (1100, 20)), axis=1).astype(np.float32)
+    items = [(mask, 1024, 50, (ids, logprobs))] * 512
+    durations: list[float] = []
+
+    def work():
+        for _ in range(3):
+            start = time.perf_counter()
+            _kernel.build_topk_batch(
+                items,
+                topk=20,
+                vocab_size=None,
+                skip_first_n=0,
+                weight_scale=1.0,
+                sparse=False,
+                threads=1,
+            )
+            durations.append(time.perf_counter() - start)
+
+    worker = threading.Thread(target=work)
+    ticks = []
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    # Holding the GIL for a whole call would stall this loop for that long.
+    assert len(ticks) > 1000
+    assert max(np.diff(ticks)) < 0.5 * min(durations), (max(np.diff(ticks)), durations)

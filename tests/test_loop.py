@@ -168,6 +168,7 @@ class RecordingSampler:
                 "sampling_params": sampling_params,
                 "include_prompt_logprobs": include_prompt_logprobs,
                 "topk_prompt_logprobs": topk_prompt_logprobs,
+                "prompt_logprobs_last_n": kwargs.get("prompt_logprobs_last_n"),
             }
         )
         self.recorder.events.append(("submit", f"sample:{self.role}"))
@@ -416,6 +417,8 @@ def test_teacher_requests_score_prompt_plus_completion_all_in_flight(tmp_path: P
         tokens = request["prompt"].to_ints()
         assert tokens[: len(prefix)] == prefix
         completion = tokens[len(prefix) :]
+        # Only the completion rows are scored: the teacher prompt's rows are never used.
+        assert request["prompt_logprobs_last_n"] == len(completion)
         student_prompt = trainer._student_prompt(example.question, None).to_ints()
         assert data[index].model_input.to_ints() == (student_prompt + completion)[:-1]
 

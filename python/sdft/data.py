@@ -448,13 +448,24 @@ def build_topk_targets(
 
     ``teacher_topk_logprobs`` holds per datum the list view, a ``TopkLogprobs`` (int32/int64
     ``token_ids`` and float32/float64 ``logprobs``, any strides; empty cells ``(0, -99999.0)``) or a
-    ``SampleResponse`` (its ``topk_prompt_logprobs_np`` is read, never the list property), or
-    ``None``. The dense arrays are read in place with the GIL released.
+    ``SampleResponse`` (its ``topk_prompt_logprobs_np`` is read, never the list property; one built
+    from lists, or without top-K, counts as its list / ``None``), or ``None``. The dense arrays are
+    read in place with the GIL released. Every entry the kernel reads must have a token id in
+    ``[0, 2**31 - 1]`` and a finite log-prob; otherwise a ``ValueError`` names the datum, the
+    completion position, the student position, the teacher row and the entry. Entries it never
+    reads (prompt rows, skipped positions, columns past ``topk``) are not inspected.
 
     Returns ``(datums, metrics)``: each datum keeps ``model_input`` and carries only
     ``target_tokens`` (int64) and ``weights`` (float32, times ``weight_scale``). The arrays are
     created by the kernel and wrapped without a copy; with ``sparse=True`` both are CSR
     ``TensorData`` (sharing read-only row/column index arrays) that list only the written cells.
+
+    Metrics: the cookbook's ``sdft/teacher_truncated_count``, ``sdft/num_datums``, ``sdft/topk`` and,
+    when there are completion positions, ``sdft/total_completion_tokens`` and
+    ``sdft/mean_teacher_entropy`` (divided by all completion positions, as the cookbook does);
+    plus ``sdft/distilled_positions``, ``sdft/mean_teacher_entropy_distilled`` (per written row),
+    ``sdft/skipped_positions``, ``sdft/missing_teacher_rows``, ``sdft/vocab_filtered_ids``,
+    ``sdft/vocab_emptied_positions`` and ``sdft/truncated_positions``.
     """
     topk, vocab_size, skip_first_n, weight_scale, sparse = _checked_arguments(
         topk, vocab_size, skip_first_n, weight_scale, sparse

@@ -44,6 +44,7 @@ from tinker import types
 from sdft import checkpoints as ckpt
 from sdft import data as sdft_data
 from sdft.config import RESOLVED_CONFIG_NAME, Config, training_differences, write_resolved_config
+from sdft.data import CompletionSlice
 from sdft.datasets import SDFTBatch, SimpleSDFTDataset, load_examples
 from sdft.evals import Benchmark, load_benchmark, run_benchmark
 from sdft.runlog import (
@@ -436,8 +437,14 @@ class Trainer:
                 rollouts.completion_lengths.append(len(tokens))
         return rollouts
 
-    async def _score_topk(self, sequences: list[types.ModelInput | None]) -> list[Any]:
-        """Teacher top-K prompt log-probs of every teacher-forced sequence, all in flight."""
+    async def _score_topk(
+        self, sequences: list[types.ModelInput | None], slices: list[CompletionSlice]
+    ) -> list[Any]:
+        """Teacher top-K prompt log-probs of every teacher-forced sequence, all in flight.
+
+        Only the completion rows are asked for (``prompt_logprobs_last_n``): the teacher prompt's
+        own rows are never used, and skipping them saves the output layer on most of the sequence.
+        """
         params = types.SamplingParams(max_tokens=1)
         requests = [
             self.teacher.sample(
@@ -446,10 +453,11 @@ class Trainer:
                 sampling_params=params,
                 include_prompt_logprobs=True,
                 topk_prompt_logprobs=self.params.topk,
+                prompt_logprobs_last_n=len(completion.tokens),
             )
             if sequence is not None
             else None
-            for sequence in sequences
+            for sequence, completion in zip(sequences, slices, strict=True)
         ]
         return list(await asyncio.gather(*(_maybe(request) for request in requests)))
 
@@ -555,7 +563,7 @@ class Trainer:
             distilled = int(is_metrics["sdft/advantage_positions"])
             loss_sum = await self._train_pipelined(datums, self._submit_importance_sampling, step)
         else:
-            responses = await self._score_topk(rollouts.teacher_sequences)
+            responses = await self._score_topk(rollouts.teacher_sequences, rollouts.slices)
             teacher_done = time.perf_counter()
             if params.loss == "reverse_kl":
                 datums, kernel_metrics = sdft_data.build_reverse_kl_datums(
