@@ -50,7 +50,7 @@ def test_wheel_imports_outside_the_source_tree(wheel: Path, tmp_path: Path) -> N
     zipfile.ZipFile(wheel).extractall(site)
     code = (
         "import sdft, sdft._kernel\n"
-        "from sdft import build_topk_targets, DEFAULT_DEMO_TEMPLATE\n"
+        "from sdft import build_topk_targets, DEFAULT_DEMO_TEMPLATE, SimpleSDFTDataset\n"
         "print(sdft.__file__)\n"
     )
     result = subprocess.run(

@@ -19,6 +19,7 @@ from sdft.data import (
     strip_mask,
     student_datum_from_rollout,
 )
+from sdft.datasets import SDFTDataset, SimpleSDFTDataset
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "DEFAULT_DEMO_TEMPLATE",
     "MAX_TOPK",
     "CompletionSlice",
+    "SDFTDataset",
+    "SimpleSDFTDataset",
     "__version__",
     "build_importance_sampling_datums",
     "build_reverse_kl_datums",

@@ -41,7 +41,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -364,7 +364,11 @@ def _require_file(path: Path, what: str) -> None:
         raise ValueError(f"{what} must be a file: {path}")
 
 
-def _jsonl_rows(path: Path) -> Iterable[tuple[str, str, Any]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """The rows of a JSONL file as ``(location, line number, parsed row)``, blank lines skipped.
+
+    ``location`` is ``"<path>:<line>:"``, the prefix of every error about that row; undecodable
+    or invalid lines raise ``ValueError`` with it."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}:"
@@ -378,7 +382,12 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where} invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            yield where, f"{path.stem}:{number}", row
+            yield where, number, row
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[str, str, Any]]:
+    for where, number, row in iter_jsonl(path):
+        yield where, f"{path.stem}:{number}", row
 
 
 def load_jsonl_examples(

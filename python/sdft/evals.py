@@ -28,6 +28,7 @@ from typing import Any
 import tinker
 
 from sdft.data import build_student_prompt
+from sdft.datasets import iter_jsonl
 
 Verifier = Callable[[str, Any], bool]
 ExpectedCheck = Callable[[Any], object]
@@ -439,24 +440,8 @@ def load_benchmark(path: str | os.PathLike[str], *, name: str | None = None) -> 
         tasks_file.parent.name if tasks_file.name == "tasks.jsonl" else tasks_file.stem
     )
 
-    def rows() -> Iterable[tuple[str, Any]]:
-        with open(tasks_file, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                where = f"{tasks_file}:{number}:"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ValueError(f"{where} not valid UTF-8 ({exc.reason})") from exc
-                if not line.strip():
-                    continue
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(
-                        f"{where} invalid JSON ({exc.msg} at column {exc.colno})"
-                    ) from exc
-
-    return _build(benchmark_name, rows(), target, str(tasks_file))
+    rows = ((where, row) for where, _, row in iter_jsonl(tasks_file))
+    return _build(benchmark_name, rows, target, str(tasks_file))
 
 
 # --------------------------------------------------------------------------------------------
