@@ -189,12 +189,8 @@ class LocalServiceClient:
 
         def create() -> LocalTrainingClient:
             shown = str(path)
-            meta = ckpt.read_meta(directory, shown)
+            meta = _checkpoint_meta(directory, shown, base_model)
             model = meta["base_model"]
-            if base_model is not None and base_model != model:
-                raise LocalBadRequestError(
-                    f"checkpoint {shown} was trained from {model!r}, not {base_model!r}"
-                )
             metadata = {**meta.get("user_metadata", {}), **(user_metadata or {})}
             if meta["training"] == "lora":
                 settings = _lora_settings(meta, shown)
@@ -294,12 +290,8 @@ class LocalServiceClient:
 
         def create_from_checkpoint() -> LocalSamplingClient:
             shown = str(model_path)
-            meta = ckpt.read_meta(directory, shown)
+            meta = _checkpoint_meta(directory, shown, base_model)
             model = meta["base_model"]
-            if base_model is not None and base_model != model:
-                raise LocalBadRequestError(
-                    f"checkpoint {shown} was trained from {model!r}, not {base_model!r}"
-                )
             base = self._base_module(model)
             if meta["training"] == "lora":
                 settings = _lora_settings(meta, shown)
@@ -411,6 +403,17 @@ def _check_optimizer(optimizer: Any) -> None:
             f"the local backend trains with AdamW; optimizer config type "
             f"{getattr(optimizer, 'type', type(optimizer).__name__)!r} is not supported"
         )
+
+
+def _checkpoint_meta(directory: Path, shown: str, base_model: str | None) -> dict[str, Any]:
+    """A checkpoint's metadata, checked against the ``base_model`` the caller asked for (if any)."""
+    meta = ckpt.read_meta(directory, shown)
+    model = meta["base_model"]
+    if base_model is not None and base_model != model:
+        raise LocalBadRequestError(
+            f"checkpoint {shown} was trained from {model!r}, not {base_model!r}"
+        )
+    return meta
 
 
 def _lora_settings(meta: dict[str, Any], shown: str) -> LoraSettings:
