@@ -32,7 +32,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 reqs = list(project["dependencies"])
-for extra in ("local", "dev"):
+for extra in project["optional-dependencies"]:
     reqs += project["optional-dependencies"][extra]
 print("\n".join(reqs))
 PY
