@@ -147,7 +147,7 @@ def prefill(rt: ModelRuntime, prompts: list[list[int]], *, need_cache: bool) -> 
             ids_b,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
     else:
@@ -470,7 +470,7 @@ def generate(
             last_tokens,
             attention_mask=mask,
             position_ids=positions[:, None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         positions = positions + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import threading
 import warnings
@@ -101,6 +102,7 @@ class ModelRuntime:
         self.hf_model = hf_model
         self.config = hf_model.config
         self.backbone = hf_model.get_decoder()
+        self._cache_argument = kv_cache_argument(self.backbone)
         self.head = hf_model.get_output_embeddings()
         if self.head is None:
             raise ValueError(f"{base_model}: the model has no output embedding (lm_head)")
@@ -132,17 +134,18 @@ class ModelRuntime:
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Any]:
+        """Last hidden states ``(B, T, H)`` and, with ``use_cache``, the updated KV cache."""
         out = self.backbone(
             input_ids=input_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
             position_ids=None if position_ids is None else position_ids.to(self.device),
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{self._cache_argument: cache},
         )
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        return out.last_hidden_state, (getattr(out, self._cache_argument) if use_cache else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of ``hidden`` rows ``(R, H)`` -> ``(R, V)``."""
@@ -191,6 +194,14 @@ class ModelRuntime:
     def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary log-softmax of hidden rows ``(R, H)`` -> ``(R, V)`` float32."""
         return torch.log_softmax(self.logits(hidden), dim=-1)
+
+
+def kv_cache_argument(backbone: nn.Module) -> str:
+    """The name under which ``backbone.forward`` takes (and its output returns) the KV cache:
+    ``cache`` since transformers renamed it (``past_key_values`` warns there, FutureWarning
+    "deprecated ... will be removed in version 5.40.0"), ``past_key_values`` before."""
+    parameters = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _eos_tokens(hf_model: Any, tokenizer: Any, vocab_size: int) -> frozenset[int]:
