@@ -7,11 +7,13 @@ Everything is written to a temporary sibling, flushed to disk, then renamed over
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +72,63 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _end_of_last_line(fd: int, size: int) -> int:
+    """The offset just after the last newline of the first ``size`` bytes of ``fd`` (0 if none)."""
+    position = size
+    while position > 0:
+        start = max(0, position - 65536)
+        chunk = os.pread(fd, position - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, f"write returned {written}")
+        view = view[written:]
+
+
 def append_line(path: str | os.PathLike[str], line: str) -> None:
     """Append one line to a log file and flush it to disk.
 
-    Appending is not a rename: a crash can leave a torn last line. Readers of JSONL logs written
-    this way (``metrics.jsonl``, ``checkpoints.jsonl``) therefore ignore a last line that does not
-    end in a newline.
+    Appending is not a rename, so a crash can leave a torn (unterminated) last line; readers of
+    these logs (:func:`read_jsonl`) skip such a line. Before appending, a torn last line left by an
+    earlier crash is dropped (the file is truncated after its last newline): it is a record whose
+    write never completed, so its writer never counted it as written, and gluing the new row onto
+    it would corrupt both. If this write itself fails part-way (disk full, I/O error), the file is
+    cut back to its previous length before the error propagates.
     """
+    body = line.rstrip("\n")
+    if "\n" in body:
+        raise ValueError(f"{path}: a log line must not contain a newline")
+    data = (body + "\n").encode("utf-8")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write(line.rstrip("\n") + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            complete = _end_of_last_line(fd, size)
+            if complete != size:
+                os.ftruncate(fd, complete)
+                size = complete
+        os.lseek(fd, size, os.SEEK_SET)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -116,20 +162,118 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync_dir(target.parent)
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL log written with :func:`append_line`, skipping a torn (unterminated) last line."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _first_lone_surrogate(value: Any) -> str | None:
+    """The first lone UTF-16 surrogate (``"\\ud800"`` in JSON) in a parsed value's strings."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            found = _LONE_SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
+def parse_json_line(line: str, where: str) -> Any:
+    """Parse one JSON text; every problem raises ``ValueError`` starting with ``where``.
+
+    Besides syntax errors this turns the failures ``json.loads`` reports without a location (or
+    not at all) into located messages: nesting too deep to parse, integers with more digits than
+    Python converts, and lone surrogates (``"\\ud800"``), which decode to a ``str`` no tokenizer or
+    UTF-8 encoder accepts."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where} JSON nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer over sys.get_int_max_str_digits() digits
+        raise ValueError(f"{where} unreadable JSON value ({exc})") from None
+    surrogate = _first_lone_surrogate(value)
+    if surrogate is not None:
+        raise ValueError(
+            f"{where} contains a lone surrogate \\u{ord(surrogate):04x}, which is not valid "
+            "Unicode text"
+        )
+    return value
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as UTF-8; a ``ValueError`` naming ``where`` and the byte offset otherwise."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{where} not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number"}
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _has_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        return bool in kinds
+    return isinstance(value, expected)
+
+
+def read_jsonl_lines(
+    path: str | os.PathLike[str],
+    *,
+    required_keys: Mapping[str, type | tuple[type, ...]] | None = None,
+) -> list[tuple[int, dict[str, Any]]]:
+    """Read a JSONL log written with :func:`append_line` as ``(line number, object)`` pairs.
+
+    A torn (unterminated) last line is skipped, and so are blank lines. Every other line must be
+    a JSON object holding ``required_keys`` with values of the given types (``bool`` never counts
+    as ``int``); anything else raises ``ValueError`` as ``file:line: what is wrong``. A missing
+    file reads as no rows."""
     target = Path(path)
     if not target.exists():
         return []
-    text = target.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # the part after the final newline is empty or a torn write
-    rows = []
-    for number, line in enumerate(complete, start=1):
+    data = target.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # the part after the final newline is a torn write
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for number, raw in enumerate(complete.split(b"\n")[:-1], start=1):
+        where = f"{target}:{number}:"
+        line = decode_utf8(raw, where)
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{target}:{number}: not valid JSON ({exc.msg})") from exc
+        row = parse_json_line(line, where)
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} expected a JSON object, got {_type_name(row)}")
+        for key, kind in (required_keys or {}).items():
+            if key not in row:
+                raise ValueError(f"{where} missing key {key!r}")
+            if not _has_type(row[key], kind):
+                kinds = kind if isinstance(kind, tuple) else (kind,)
+                wanted = " or ".join(_JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+                raise ValueError(f"{where} {key!r} must be {wanted}, got {_type_name(row[key])}")
+        rows.append((number, row))
     return rows
+
+
+def read_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    required_keys: Mapping[str, type | tuple[type, ...]] | None = None,
+) -> list[dict[str, Any]]:
+    """The objects of :func:`read_jsonl_lines`, without their line numbers."""
+    return [row for _, row in read_jsonl_lines(path, required_keys=required_keys)]

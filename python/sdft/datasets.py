@@ -47,6 +47,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from sdft import _atomic
+
 SourceKind = Literal["jsonl", "hf", "arrow"]
 RowFormat = Literal["prompt_example", "trl", "simple", "mapped"]
 
@@ -372,17 +374,10 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}:"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{where} not valid UTF-8 ({exc.reason})") from exc
+            line = _atomic.decode_utf8(raw, where)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where} invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            yield where, number, row
+            yield where, number, _atomic.parse_json_line(line, where)
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[str, str, Any]]:
