@@ -12,7 +12,7 @@ import pytest
 
 from sdft.cli import main
 from sdft.runlog import RunLog
-from test_loop import write_config
+from support import write_config
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -19,7 +19,7 @@ from sdft.backends import remote
 from sdft.backends.remote import TinkerUnavailableError, create_service_client, probe
 from sdft.config import load_config
 from sdft.loop import train
-from test_loop import Recorder, RecordingService, RecordingTrainer, local_service, write_config
+from support import Recorder, RecordingService, RecordingTrainer, local_service, write_config
 
 SECRET = "tml-test-secret-0123456789"
 

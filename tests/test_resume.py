@@ -19,7 +19,7 @@ from sdft.checkpoints import read_checkpoints
 from sdft.config import load_config
 from sdft.loop import train
 from sdft.runlog import RunLog
-from test_loop import Recorder, RecordingService, RecordingTrainer, local_service, write_config
+from support import Recorder, RecordingService, RecordingTrainer, local_service, write_config
 
 BENCH = [{"name": "val", "path": "data/val", "run_every": 2, "metrics": ["pass@1"]}]
 

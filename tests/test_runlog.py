@@ -12,13 +12,13 @@ import pytest
 
 from sdft import checkpoints as ckpt
 from sdft.plots import write_comparison_plot, write_metrics_plot
+from sdft.rundir import remove_outputs
 from sdft.runlog import (
     RunLog,
     benchmark_series,
     comparison_markdown,
     existing_outputs,
     final_metrics,
-    remove_outputs,
     render_summary,
 )
 

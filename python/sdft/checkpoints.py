@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sdft import _atomic
+from sdft.runfiles import CHECKPOINT_INDEX_NAME as INDEX_NAME
 
-INDEX_NAME = "checkpoints.jsonl"
 _KNOWN_KEYS = {"name", "batch", "step", "state_path", "sampler_path", "final"}
 
 

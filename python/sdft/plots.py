@@ -16,18 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from sdft import _atomic
-from sdft.runlog import benchmark_series
-
-LOSS_KEY = "train/mean_loss"
-
-
-def _loss_series(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
-    points = [
-        (row["step"], float(row["metrics"][LOSS_KEY]))
-        for row in rows
-        if row["split"] == "train" and isinstance(row["metrics"].get(LOSS_KEY), int | float)
-    ]
-    return sorted(points)
+from sdft.metricrows import LOSS_KEY, benchmark_series, loss_series
 
 
 def _title(figure: Figure, title: str) -> None:
@@ -47,7 +36,7 @@ def write_metrics_plot(
     """Loss over steps (left) and every benchmark metric over steps (right)."""
     figure = Figure(figsize=(11, 4))
     loss_axis, bench_axis = figure.subplots(1, 2)
-    loss = _loss_series(rows)
+    loss = loss_series(rows)
     if loss:
         loss_axis.plot([p[0] for p in loss], [p[1] for p in loss], marker=".", color="tab:blue")
     else:
@@ -82,7 +71,7 @@ def write_comparison_plot(
     axes = figure.subplots(1, panels, squeeze=False)
     loss_axis = axes[0][0]
     for label, rows in runs.items():
-        loss = _loss_series(rows)
+        loss = loss_series(rows)
         if loss:
             loss_axis.plot([p[0] for p in loss], [p[1] for p in loss], marker=".", label=label)
     loss_axis.set_title(LOSS_KEY)

@@ -17,58 +17,31 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sdft import _atomic
-from sdft.checkpoints import INDEX_NAME as CHECKPOINT_INDEX_NAME
-from sdft.config import RESOLVED_CONFIG_NAME
-
-METRICS_NAME = "metrics.jsonl"
-SUMMARY_NAME = "summary.md"
-PLOT_NAME = "plot.png"
-PREDICTIONS_DIR = "predictions"
-CHECKPOINTS_DIR = "checkpoints"
-
-# The files and directories a run creates; ``--overwrite`` removes exactly these.
-RUN_OUTPUTS = (
+from sdft.metricrows import (
+    benchmark_metric_key,
+    benchmark_series,
+    final_metrics,
+)
+from sdft.plots import write_metrics_plot
+from sdft.runfiles import (
+    CHECKPOINT_INDEX_NAME,
+    CHECKPOINTS_DIR,
     METRICS_NAME,
-    SUMMARY_NAME,
     PLOT_NAME,
     PREDICTIONS_DIR,
-    CHECKPOINTS_DIR,
-    CHECKPOINT_INDEX_NAME,
     RESOLVED_CONFIG_NAME,
+    RUN_OUTPUTS,
+    SUMMARY_NAME,
+    existing_outputs,
 )
 
 STATUSES = ("running", "completed", "failed", "interrupted")
-
-
-def existing_outputs(output_dir: str | Path) -> list[str]:
-    """The run outputs already present in ``output_dir`` (names from :data:`RUN_OUTPUTS`)."""
-    root = Path(output_dir)
-    return [name for name in RUN_OUTPUTS if (root / name).exists()]
-
-
-def remove_outputs(output_dir: str | Path) -> None:
-    """Delete the outputs of a previous run (and only those) from ``output_dir``.
-
-    A ``backend.checkpoint_root`` outside ``output_dir`` is left alone: it may be shared.
-    """
-    root = Path(output_dir)
-    for name in RUN_OUTPUTS:
-        target = root / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-def benchmark_metric_key(split: str, name: str, metric: str) -> str:
-    return f"{split}/{name}/{metric}"
 
 
 def _json_number(value: Any) -> Any:
@@ -170,8 +143,6 @@ class RunLog:
         return self.summary_path
 
     def write_plot(self, title: str = "") -> Path | None:
-        from sdft.plots import write_metrics_plot
-
         rows = self.read_metrics() if self.metrics_path.exists() else []
         if not rows:
             return None
@@ -192,35 +163,6 @@ class RunLog:
             if (self.output_dir / name).exists() or name == PLOT_NAME:
                 listing.append(f"`{name}`: {text}")
         return listing
-
-
-def final_metrics(
-    rows: Sequence[Mapping[str, Any]], split: str
-) -> tuple[int, dict[str, Any]] | None:
-    """The step and merged metrics of the last step that has rows of ``split``."""
-    steps = [row["step"] for row in rows if row["split"] == split]
-    if not steps:
-        return None
-    last = max(steps)
-    merged: dict[str, Any] = {}
-    for row in rows:
-        if row["split"] == split and row["step"] == last:
-            merged.update(row["metrics"])
-    return last, merged
-
-
-def benchmark_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """``{metric key: [(step, value), ...]}`` for every non-train metric, steps ascending."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
-        if row["split"] == "train":
-            continue
-        for key, value in row["metrics"].items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                series.setdefault(key, []).append((row["step"], float(value)))
-    for points in series.values():
-        points.sort(key=lambda point: point[0])
-    return series
 
 
 def _format_value(value: Any) -> str:
@@ -318,3 +260,16 @@ def comparison_markdown(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
                 cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "RUN_OUTPUTS",
+    "STATUSES",
+    "RunLog",
+    "benchmark_metric_key",
+    "benchmark_series",
+    "comparison_markdown",
+    "existing_outputs",
+    "final_metrics",
+    "render_summary",
+]
