@@ -112,7 +112,7 @@ def test_top_level_unknown_key(tmp_path: Path) -> None:
         ),
         (
             "algorithm:\n  params:\n    batch_size: four\n",
-            ":8: algorithm.params.batch_size: must be a valid integer, unable to parse string as an integer",
+            ":8: algorithm.params.batch_size: must be an integer, got string 'four'",
         ),
         (
             "algorithm:\n  params:\n    loss: kl\n",
@@ -319,3 +319,156 @@ def test_training_differences_ignore_what_resume_may_change(tmp_path: Path) -> N
         "algorithm.params.learning_rate",
         "seed",
     ]
+
+
+# --- hostile or mistaken YAML ------------------------------------------------------------------
+
+
+def alias_bomb() -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_rejected_with_its_line(tmp_path: Path) -> None:
+    bomb = alias_bomb()
+    assert len(bomb.encode()) < 600
+    assert error_of(tmp_path, MINIMAL + bomb) == (
+        f"{tmp_path / 'config.yaml'}:11: the YAML expands to more than 100000 values once its "
+        "aliases are followed (an alias bomb?)"
+    )
+
+
+def test_yaml_recursive_alias_is_rejected(tmp_path: Path) -> None:
+    assert error_of(tmp_path, MINIMAL + "x: &x [1, *x]\n") == (
+        f"{tmp_path / 'config.yaml'}:6: a YAML alias refers to itself"
+    )
+
+
+def test_yaml_aliases_within_reason_still_work(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        "metadata:\n  benchmark:\n    - &bench {name: a, path: b/a, run_every: 4}\n"
+        "    - {<<: *bench, name: b}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert [(b.name, b.run_every) for b in config.metadata.benchmark] == [("a", 4), ("b", 4)]
+
+
+def test_duplicate_keys_are_rejected_with_both_lines(tmp_path: Path) -> None:
+    text = (
+        MINIMAL + "algorithm:\n  params:\n    max_steps: 5\n    batch_size: 2\n    max_steps: 50\n"
+    )
+    assert error_of(tmp_path, text) == (
+        f"{tmp_path / 'config.yaml'}:10: duplicate key 'max_steps' (first defined at line 8)"
+    )
+    assert error_of(tmp_path, MINIMAL + "output_dir: other\n") == (
+        f"{tmp_path / 'config.yaml'}:6: duplicate key 'output_dir' (first defined at line 5)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        (
+            "algorithm:\n  params:\n    max_steps: true\n",
+            ":8: algorithm.params.max_steps: must be an integer, got boolean True",
+        ),
+        (
+            'algorithm:\n  params:\n    max_steps: "3"\n',
+            ":8: algorithm.params.max_steps: must be an integer, got string '3'",
+        ),
+        (
+            "algorithm:\n  params:\n    max_steps: 100000000000000000000000\n",
+            ":8: algorithm.params.max_steps: must be less than or equal to 10000000",
+        ),
+        (
+            "algorithm:\n  params:\n    generate_from_teacher: 1\n",
+            ":8: algorithm.params.generate_from_teacher: must be true or false, got integer 1",
+        ),
+        (
+            "algorithm:\n  params:\n    learning_rate: .inf\n",
+            ":8: algorithm.params.learning_rate: must be a finite number",
+        ),
+        (
+            "algorithm:\n  params:\n    lora_rank: 1000000\n",
+            ":8: algorithm.params.lora_rank: must be less than or equal to 4096",
+        ),
+        (
+            "seed: 100000000000000000000000000000\n",
+            ":6: seed: must be less than or equal to 9223372036854775807",
+        ),
+        ("seed: -1\n", ":6: seed: must be greater than or equal to 0"),
+        (
+            "metadata:\n  benchmark:\n    - {name: v, path: v, metrics: [pass@100000]}\n",
+            ":8: metadata.benchmark[0].metrics: pass@100000 needs more than 1024 samples per "
+            "task; use a smaller K",
+        ),
+    ],
+)
+def test_integers_and_booleans_are_strict_and_bounded(
+    tmp_path: Path, snippet: str, expected: str
+) -> None:
+    assert error_of(tmp_path, MINIMAL + snippet) == f"{tmp_path / 'config.yaml'}{expected}"
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    text = MINIMAL + "algorithm:\n  params:\n    learning_rate: 1e-3\n    eps: 5E-9\n"
+    params = load_config(write(tmp_path, text)).params
+    assert (params.learning_rate, params.eps) == (1e-3, 5e-9)
+
+
+def test_skip_first_n_must_leave_tokens_to_train_on(tmp_path: Path) -> None:
+    text = MINIMAL + "algorithm:\n  params:\n    max_tokens: 8\n    skip_first_n: 8\n"
+    assert error_of(tmp_path, text) == (
+        f"{tmp_path / 'config.yaml'}:9: algorithm.params.skip_first_n: skip_first_n (8) must be "
+        "less than max_tokens (8): the first skip_first_n completion tokens get no loss, so "
+        "every step would train on 0 tokens"
+    )
+    sft = MINIMAL + "algorithm:\n  kind: sft\n  params:\n    max_tokens: 2\n"
+    assert load_config(write(tmp_path, sft)).params.max_tokens == 2
+
+
+def test_output_dir_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "outputs").write_text("not a directory")
+    assert error_of(tmp_path, MINIMAL) == (
+        f"{tmp_path / 'config.yaml'}:5: output_dir: {tmp_path / 'outputs'} is a file, so "
+        f"{tmp_path / 'outputs/run'} cannot be created"
+    )
+    (tmp_path / "outputs").unlink()
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs/run").write_text("")
+    assert error_of(tmp_path, MINIMAL) == (
+        f"{tmp_path / 'config.yaml'}:5: output_dir: {tmp_path / 'outputs/run'} exists and is "
+        "not a directory"
+    )
+
+
+def test_non_utf8_config_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:6: not valid UTF-8 (byte 0xe9); save the config as UTF-8"
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL + "x: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert message == f"{tmp_path / 'config.yaml'}: the YAML is nested too deeply to read"
+
+
+def test_a_copied_project_resumes_with_the_same_training_config(tmp_path: Path) -> None:
+    import shutil
+
+    original = tmp_path / "a"
+    original.mkdir()
+    config = load_config(write(original, MINIMAL))
+    write_resolved_config(config)
+    previous = yaml.safe_load((config.output_dir / "config.resolved.yaml").read_text())
+    shutil.copytree(original, tmp_path / "b", symlinks=True)
+    moved = load_config(tmp_path / "b" / "config.yaml")
+    assert moved.data.path != config.data.path
+    assert training_differences(previous, moved.resolved_dict()) == []
+    # A different data file is still a different training config.
+    moved.data.path = tmp_path / "b" / "data" / "other.jsonl"
+    assert training_differences(previous, moved.resolved_dict()) == ["data.path"]

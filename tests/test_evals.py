@@ -628,3 +628,65 @@ def test_capitals_benchmarks_load_and_use_known_verifiers() -> None:
         assert task.fn_name == "contains"
         assert "Answer with just the city name." in task.instruction
     assert {task.fn_name for task in retained.tasks} <= {"contains", "regex"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Time limit of user-supplied patterns
+
+
+@pytest.mark.parametrize(
+    ("pattern", "response"),
+    [(r"(x+x+)+y", "x" * 5000), (r"(a|aa)+$", "a" * 60 + "b")],
+)
+def test_regex_verifier_stops_a_catastrophic_pattern_at_its_time_limit(
+    monkeypatch, pattern: str, response: str
+) -> None:
+    monkeypatch.setattr(evals, "REGEX_TIMEOUT_S", 0.05)
+    with pytest.raises(evals.VerifierTimeout, match=r"ran past the 0\.05 s limit on a \d+-char"):
+        regex(response, pattern)
+    task = BenchmarkTask("slow", "Say x.", "regex", pattern)
+    assert task.verify(response) is False
+    assert task.score(response) == (
+        False,
+        f"task slow: regex {pattern!r} ran past the 0.05 s limit on a "
+        f"{len(response)}-character response",
+    )
+
+
+def test_regex_patterns_from_the_issue_are_answered() -> None:
+    assert regex("a" * 5000, "(.*)*X") is False
+    assert regex("word " * 5 + "!", r"^(\w+\s?)*$") is False
+    assert regex("word " * 5, r"^(\w+\s?)*$") is True
+
+
+def test_run_benchmark_counts_a_timed_out_verifier_as_wrong_and_reports_it(
+    monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(evals, "REGEX_TIMEOUT_S", 0.05)
+    tokenizer = CharTokenizer()
+    slow = benchmark_from_rows(
+        "slow",
+        [
+            {
+                "task_id": "bomb",
+                "instruction": "Say x.",
+                "verifier": {"kind": "in_process", "fn_name": "regex", "expected": "(x+x+)+y"},
+            },
+            {
+                "task_id": "ok",
+                "instruction": "Say y.",
+                "verifier": {"kind": "in_process", "fn_name": "regex", "expected": "y$"},
+            },
+        ],
+    )
+    client = FakeSamplingClient(tokenizer, {"Say x.": ["x" * 3000], "Say y.": ["xy"]})
+    with caplog.at_level("WARNING", logger="sdft.evals"):
+        result = run_benchmark(client, tokenizer, slow, max_tokens=4000)
+    assert result.metrics == {"pass@1": 0.5}
+    bomb, ok = result.predictions
+    problem = "task bomb: regex '(x+x+)+y' ran past the 0.05 s limit on a 3000-character response"
+    assert bomb["correct"] is False and bomb["verifier_errors"] == [problem]
+    assert ok["correct"] is True and "verifier_errors" not in ok
+    assert [record.getMessage() for record in caplog.records] == [
+        f"verifier gave up, answer counted as wrong: {problem}"
+    ]

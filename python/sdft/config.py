@@ -10,6 +10,7 @@ Relative paths resolve against the directory of the config file.
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from pathlib import Path
@@ -20,12 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sdft import _atomic
 from sdft.data import DEFAULT_DEMO_TEMPLATE
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-RESOLVED_CONFIG_NAME = "config.resolved.yaml"
+from sdft.evals import parse_metric
+from sdft.models import DEFAULT_MODEL
+from sdft.runfiles import RESOLVED_CONFIG_NAME as RESOLVED_CONFIG_NAME
 
 _BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_PASS_AT_K = re.compile(r"^pass@([1-9][0-9]*)$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 
 
@@ -33,8 +33,31 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the file, line and key path."""
 
 
+# Sane upper bounds of the integer settings: far above any real run, low enough that a typo
+# (``max_steps: 10**23``) fails here and not as an overflow deep inside torch or the SDK.
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_GROUP = 1_024
+MAX_RANK = 4_096
+MAX_TOPK = 4_096
+MAX_TOKENS = 1_048_576
+MAX_CONTEXT = 2_097_152
+MAX_SAMPLES = 1_024
+MAX_TASKS = 1_000_000_000
+MAX_TEMPERATURE = 100.0
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict: YAML already gives ints, floats and bools, so ``max_steps: true`` or ``"3"`` is a
+    # mistake to report, not a value to coerce (an int is still accepted for a float).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+    )
+
+
+# Paths come from YAML as strings: the one place where conversion is wanted.
+ConfigPath = Annotated[Path, Field(strict=False)]
 
 
 def _template_fields(template: str) -> set[str]:
@@ -73,7 +96,7 @@ class BackendSection(_Strict):
     base_url: str | None = None
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    checkpoint_root: Path | None = None
+    checkpoint_root: ConfigPath | None = None
 
     @field_validator("device")
     @classmethod
@@ -98,7 +121,7 @@ class BackendSection(_Strict):
 
 class TeacherSection(_Strict):
     mode: Literal["static", "sync", "ema"] = "static"
-    sync_every: Annotated[int, Field(ge=1)] | None = None
+    sync_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     ema_alpha: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
 
     @model_validator(mode="after")
@@ -115,15 +138,15 @@ class TeacherSection(_Strict):
 class AlgorithmParams(_Strict):
     learning_rate: Annotated[float, Field(gt=0.0)] = 2e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    max_steps: Annotated[int, Field(ge=1)] = 100
-    batch_size: Annotated[int, Field(ge=1)] = 4
-    group_size: Annotated[int, Field(ge=1)] = 1
-    lora_rank: Annotated[int, Field(ge=0)] | None = 32
-    topk: Annotated[int, Field(ge=0)] = 20
-    skip_first_n: Annotated[int, Field(ge=0)] = 3
-    temperature: Annotated[float, Field(ge=0.0)] = 1.0
-    max_tokens: Annotated[int, Field(ge=1)] = 256
-    max_context_length: Annotated[int, Field(ge=2)] = 4096
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 100
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 4
+    group_size: Annotated[int, Field(ge=1, le=MAX_GROUP)] = 1
+    lora_rank: Annotated[int, Field(ge=0, le=MAX_RANK)] | None = 32
+    topk: Annotated[int, Field(ge=0, le=MAX_TOPK)] = 20
+    skip_first_n: Annotated[int, Field(ge=0, le=MAX_TOKENS)] = 3
+    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 256
+    max_context_length: Annotated[int, Field(ge=2, le=MAX_CONTEXT)] = 4096
     user_template: str = "{question}"
     demo_template: str = DEFAULT_DEMO_TEMPLATE
     system_prompt: str | None = None
@@ -131,8 +154,8 @@ class AlgorithmParams(_Strict):
     generate_from_teacher: bool = False
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     loss: Literal["cross_entropy", "reverse_kl", "full_kl"] = "cross_entropy"
-    num_substeps: Annotated[int, Field(ge=1)] = 1
-    save_every: Annotated[int, Field(ge=1)] | None = 10
+    num_substeps: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 1
+    save_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = 10
     beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.95
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
@@ -174,7 +197,7 @@ class AlgorithmSection(_Strict):
 
 class DataSection(_Strict):
     source_kind: Literal["jsonl", "hf", "arrow"] = "jsonl"
-    path: Path
+    path: ConfigPath
     fields: dict[str, str] | None = None
     split: str | None = None
 
@@ -202,13 +225,13 @@ class DataSection(_Strict):
 
 class BenchmarkSection(_Strict):
     name: str
-    path: Path
-    run_every: Annotated[int, Field(ge=1)] | None = None
+    path: ConfigPath
+    run_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     metrics: list[str] = Field(default_factory=lambda: ["pass@1"])
     split: str = "val"
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0)] = 1.0
-    limit: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
+    limit: Annotated[int, Field(ge=1, le=MAX_TASKS)] | None = None
 
     @field_validator("name")
     @classmethod
@@ -225,14 +248,16 @@ class BenchmarkSection(_Strict):
         if not value:
             raise ValueError("must list at least one metric, e.g. [pass@1]")
         for metric in value:
-            if not _PASS_AT_K.match(metric):
-                raise ValueError(f"unknown metric {metric!r}; use pass@K (pass@1, pass@4, ...)")
+            if parse_metric(metric) > MAX_SAMPLES:
+                raise ValueError(
+                    f"{metric} needs more than {MAX_SAMPLES} samples per task; use a smaller K"
+                )
         return value
 
     @property
     def ks(self) -> list[int]:
         """The K of each ``pass@K`` metric, in order."""
-        return [int(_PASS_AT_K.match(metric).group(1)) for metric in self.metrics]  # type: ignore[union-attr]
+        return [parse_metric(metric) for metric in self.metrics]
 
     @property
     def num_samples(self) -> int:
@@ -259,8 +284,8 @@ class Config(_Strict):
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
     data: DataSection
     metadata: MetadataSection = Field(default_factory=MetadataSection)
-    output_dir: Path
-    seed: int = 0
+    output_dir: ConfigPath
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
 
     @property
     def checkpoint_root(self) -> Path:
@@ -323,12 +348,122 @@ def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, .
 def _yaml_lines(text: str) -> dict[tuple[Any, ...], int]:
     lines: dict[tuple[Any, ...], int] = {}
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+        _, root = _compose_checked(text, "<config>")
+    except (ConfigError, yaml.YAMLError, RecursionError):
         return lines
     if root is not None:
         _node_lines(root, (), lines)
     return lines
+
+
+# --- YAML loading: strict about what safe_load lets through -----------------------------------
+
+#: The most nodes a config may expand to once its aliases are followed. A real config has a few
+#: hundred; a "billion laughs" alias bomb of a few hundred bytes expands to billions.
+MAX_YAML_NODES = 100_000
+
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 rules need
+    ``1.0e-3`` and would otherwise hand the strict schema a string)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789")
+)
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Reject duplicate keys, recursive aliases and alias bombs, naming ``source:line``."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        line = node.start_mark.line + 1
+        if key in active:
+            raise ConfigError(f"{source}:{line}: a YAML alias refers to itself")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                total += size(key_node) + size(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+        active.discard(key)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}:{line}: the YAML expands to more than {MAX_YAML_NODES} values once "
+                "its aliases are followed (an alias bomb?)"
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def _check_duplicate_keys(root: yaml.Node, source: str) -> None:
+    visited: set[int] = set()
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                pending.append(value_node)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in first_line:
+                    raise ConfigError(
+                        f"{source}:{line}: duplicate key {key_node.value!r} (first defined at "
+                        f"line {first_line[key_node.value]})"
+                    )
+                first_line[key_node.value] = line
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+
+
+def _compose_checked(text: str, source: str) -> tuple[_ConfigLoader, yaml.Node | None]:
+    loader = _ConfigLoader(text)
+    try:
+        root = loader.get_single_node()
+    except BaseException:
+        loader.dispose()
+        raise
+    if root is not None:
+        _check_nodes(root, source)
+        _check_duplicate_keys(root, source)
+    return loader, root
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse config YAML safely: no duplicate keys, no alias bombs, ``1e-3`` is a float.
+
+    Every problem is a :class:`ConfigError` starting with ``source:line``."""
+    try:
+        loader, root = _compose_checked(text, source)
+        try:
+            return None if root is None else loader.construct_document(root)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply to read") from None
 
 
 def _line_for(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
@@ -356,10 +491,34 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
     return sorted(current.model_fields) if isinstance(current, type) else None
 
 
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+
+
+def _yaml_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _friendly(error: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "required key is missing"
+    if kind in _TYPE_WORDS:
+        value = error.get("input")
+        shown = f" {value!r}" if isinstance(value, str | int | float | bool) else ""
+        return f"must be {_TYPE_WORDS[kind]}, got {_yaml_kind(value)}{shown}"
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"must be one of {expected}, not {error.get('input')!r}"
@@ -405,6 +564,30 @@ def capability_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
     return problems
 
 
+def consistency_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that are valid one by one but not together: ``[(key path, message), ...]``."""
+    params = config.params
+    problems = []
+    if config.algorithm.kind == "sdft" and params.skip_first_n >= params.max_tokens:
+        problems.append(
+            (
+                ("algorithm", "params", "skip_first_n"),
+                f"skip_first_n ({params.skip_first_n}) must be less than max_tokens "
+                f"({params.max_tokens}): the first skip_first_n completion tokens get no loss, "
+                "so every step would train on 0 tokens",
+            )
+        )
+    if params.max_tokens >= params.max_context_length:
+        problems.append(
+            (
+                ("algorithm", "params", "max_tokens"),
+                f"max_tokens ({params.max_tokens}) must be less than max_context_length "
+                f"({params.max_context_length}), which also holds the prompt",
+            )
+        )
+    return problems
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     """``("metadata", "benchmark", 0, "name")`` -> ``metadata.benchmark[0].name``."""
     text = ""
@@ -442,16 +625,57 @@ def parse_config(
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, _yaml_lines(text or ""))) from None
-    problems = capability_problems(config)
-    if problems:
-        lines = _yaml_lines(text or "")
-        messages = []
-        for loc, message in problems:
-            line = _line_for(loc, lines)
-            where = f"{source}:{line}" if line is not None else source
-            messages.append(f"{where}: {_key_path(loc)}: {message}")
-        raise ConfigError("\n".join(messages))
+    _raise_problems(capability_problems(config) + consistency_problems(config), source, text)
     return resolve_paths(config, base_dir or Path.cwd())
+
+
+def _raise_problems(
+    problems: list[tuple[tuple[str, ...], str]], source: str, text: str | None
+) -> None:
+    if not problems:
+        return
+    lines = _yaml_lines(text or "")
+    messages = []
+    for loc, message in problems:
+        line = _line_for(loc, lines)
+        where = f"{source}:{line}" if line is not None else source
+        messages.append(f"{where}: {_key_path(loc)}: {message}")
+    raise ConfigError("\n".join(messages))
+
+
+def _read_config_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the config as "
+            "UTF-8"
+        ) from None
+
+
+def _directory_problem(target: Path) -> str | None:
+    """Why ``target`` cannot be (or become) a directory, or ``None``."""
+    if target.exists():
+        return None if target.is_dir() else f"{target} exists and is not a directory"
+    for parent in target.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, so {target} cannot be created"
+    return None
+
+
+def filesystem_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+    """Run directories that cannot be used: ``[(key path, message), ...]``."""
+    problems = []
+    for loc, target in (
+        (("output_dir",), config.output_dir),
+        (("backend", "checkpoint_root"), config.backend.checkpoint_root),
+    ):
+        problem = _directory_problem(target) if target is not None else None
+        if problem:
+            problems.append((loc, problem))
+    return problems
 
 
 def load_config(path: str | Path) -> Config:
@@ -459,15 +683,11 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
-    return parse_config(raw, source=str(path), base_dir=path.parent, text=text)
+    text = _read_config_text(path)
+    raw = load_yaml(text, str(path))
+    config = parse_config(raw, source=str(path), base_dir=path.parent, text=text)
+    _raise_problems(filesystem_problems(config), str(path), text)
+    return config
 
 
 def write_resolved_config(config: Config, output_dir: Path | None = None) -> Path:
@@ -477,9 +697,28 @@ def write_resolved_config(config: Config, output_dir: Path | None = None) -> Pat
     return target
 
 
+# Paths that must name the same file on resume. A project copied or moved as a whole (config,
+# data and output_dir together) keeps them in the same place relative to output_dir.
+_RELOCATABLE_PATHS = {("data", "path"), ("backend", "checkpoint_root"), ("model", "name")}
+
+
+def _same_place(a: Any, b: Any, old_root: Any, new_root: Any) -> bool:
+    if a == b:
+        return True
+    if not all(isinstance(value, str) for value in (a, b, old_root, new_root)):
+        return False
+    if not (Path(a).is_absolute() and Path(b).is_absolute()):
+        return False
+    return os.path.relpath(a, old_root) == os.path.relpath(b, new_root)
+
+
 def training_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Key paths whose values differ between two resolved configs, ignoring what a resumed run may
-    change: ``max_steps``, ``save_every``, the benchmarks, ``output_dir``, the device, ``base_url``."""
+    change: ``max_steps``, ``save_every``, the benchmarks, ``output_dir``, the device, ``base_url``.
+
+    Paths (data, checkpoint root, a local model directory) are compared relative to each config's
+    ``output_dir`` when they differ as absolute paths, so a project folder copied or moved with
+    ``cp -a``/``mv`` still resumes."""
     ignored = {
         ("algorithm", "params", "max_steps"),
         ("algorithm", "params", "save_every"),
@@ -488,6 +727,7 @@ def training_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         ("backend", "device"),
         ("backend", "base_url"),
     }
+    old_root, new_root = old.get("output_dir"), new.get("output_dir")
     differences: list[str] = []
 
     def walk(a: Any, b: Any, prefix: tuple[str, ...]) -> None:
@@ -496,6 +736,9 @@ def training_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), (*prefix, key))
+        elif prefix in _RELOCATABLE_PATHS:
+            if not _same_place(a, b, old_root, new_root):
+                differences.append(".".join(prefix))
         elif a != b:
             differences.append(".".join(prefix))
 

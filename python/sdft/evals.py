@@ -14,9 +14,11 @@ requests in flight at once), scores the responses and computes ``pass@k``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,10 +27,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import regex as regex_engine
 import tinker
 
 from sdft.data import build_student_prompt
 from sdft.datasets import iter_jsonl
+
+_log = logging.getLogger(__name__)
 
 Verifier = Callable[[str, Any], bool]
 ExpectedCheck = Callable[[Any], object]
@@ -139,7 +144,16 @@ def exact(response: str, expected: str | Sequence[str]) -> bool:
     return any(normalize_answer(option) == answer for option in _string_options(expected))
 
 
-def _patterns(value: Any) -> tuple[re.Pattern[str], ...]:
+#: How long the user-supplied patterns of one ``regex`` verification may run, in seconds, before
+#: the answer counts as wrong (a pattern such as ``(x+x+)+y`` backtracks exponentially).
+REGEX_TIMEOUT_S = 0.5
+
+
+class VerifierTimeout(TimeoutError):
+    """A verifier gave up on a response because it ran past its time limit."""
+
+
+def _patterns(value: Any) -> tuple[regex_engine.Pattern[str], ...]:
     options = [value] if isinstance(value, str) else value
     if not isinstance(options, list) or not options:
         raise TypeError(
@@ -150,8 +164,8 @@ def _patterns(value: Any) -> tuple[re.Pattern[str], ...]:
         if not isinstance(option, str) or not option:
             raise TypeError(f"expected patterns must be non-empty strings, got {option!r}")
         try:
-            compiled.append(re.compile(option))
-        except re.error as exc:
+            compiled.append(regex_engine.compile(option))
+        except (regex_engine.error, ValueError, OverflowError) as exc:
             raise ValueError(f"invalid regular expression {option!r}: {exc}") from exc
     return tuple(compiled)
 
@@ -163,9 +177,26 @@ def _check_patterns(value: Any) -> Any:
 
 @register_verifier("regex", check_expected=_check_patterns)
 def regex(response: str, expected: str | Sequence[str]) -> bool:
-    """True when a pattern matches anywhere in the raw response (``re.search``; case-sensitive
-    unless the pattern says ``(?i)``)."""
-    return any(pattern.search(response) for pattern in _patterns(expected))
+    """True when a pattern matches anywhere in the raw response (a search; case-sensitive unless
+    the pattern says ``(?i)``).
+
+    Patterns run on the ``regex`` engine (``re`` syntax) with a time limit of
+    :data:`REGEX_TIMEOUT_S` for all patterns together; past it :class:`VerifierTimeout` is raised
+    (a benchmark counts the answer as wrong and reports it)."""
+    deadline = time.monotonic() + REGEX_TIMEOUT_S
+    for pattern in _patterns(expected):
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            if pattern.search(response, timeout=remaining):
+                return True
+        except TimeoutError:
+            raise VerifierTimeout(
+                f"regex {pattern.pattern!r} ran past the {REGEX_TIMEOUT_S:g} s limit on a "
+                f"{len(response)}-character response"
+            ) from None
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +387,16 @@ class BenchmarkTask:
     expected: Any
 
     def verify(self, response: str) -> bool:
-        return bool(get_verifier(self.fn_name).fn(response, self.expected))
+        """Whether ``response`` is correct; a verifier that times out counts it as wrong."""
+        return self.score(response)[0]
+
+    def score(self, response: str) -> tuple[bool, str | None]:
+        """``(correct, problem)``: ``problem`` says why the verifier gave up (a time limit), or is
+        ``None`` when it ran to completion."""
+        try:
+            return bool(get_verifier(self.fn_name).fn(response, self.expected)), None
+        except VerifierTimeout as exc:
+            return False, f"task {self.task_id}: {exc}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +547,8 @@ def run_benchmark(
 
     Prediction rows: ``task_id``, ``instruction``, ``expected``, ``fn_name`` and, for one sample,
     ``response`` and ``correct`` (bool); for several, ``responses``, ``correct`` (list of bools) and
-    ``num_correct``."""
+    ``num_correct``; ``verifier_errors`` lists the samples whose verifier gave up (a ``regex`` past
+    its time limit), which count as wrong and are also logged as warnings."""
     ks = [parse_metric(metric) for metric in metrics]
     if not ks:
         raise ValueError("metrics must name at least one pass@k")
@@ -555,7 +596,11 @@ def run_benchmark(
             tokenizer.decode(list(sequence.tokens), skip_special_tokens=True)
             for sequence in response.sequences
         ]
-        correct = [task.verify(text) for text in texts]
+        scores = [task.score(text) for text in texts]
+        correct = [ok for ok, _ in scores]
+        problems = [problem for _, problem in scores if problem is not None]
+        for problem in problems:
+            _log.warning("verifier gave up, answer counted as wrong: %s", problem)
         for metric, k in zip(metrics, ks, strict=True):
             totals[metric] += pass_at_k(num_samples, sum(correct), k)
         row: dict[str, Any] = {
@@ -568,6 +613,8 @@ def run_benchmark(
             row.update(response=texts[0], correct=correct[0])
         else:
             row.update(responses=texts, correct=correct, num_correct=sum(correct))
+        if problems:
+            row["verifier_errors"] = problems
         predictions.append(row)
         if progress is not None:
             progress(done, len(tasks))
@@ -585,6 +632,7 @@ __all__ = [
     "RegisteredVerifier",
     "ToolCall",
     "Verifier",
+    "VerifierTimeout",
     "benchmark_from_rows",
     "contains",
     "exact",
