@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from sdft.redact import install_log_redaction, redact
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -267,9 +270,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from sdft.continual.spec import is_experiment_file
+
+    if is_experiment_file(args.config):
+        from sdft.continual.command import cmd_validate_experiment
+
+        data_root = Path(args.data_root) if args.data_root else None
+        return cmd_validate_experiment(Path(args.config), deep=args.deep, data_root=data_root)
     checks = run_checks(Path(args.config), deep=args.deep)
     for check in checks:
-        print(check.line())
+        print(redact(check.line()))
     failed = [check for check in checks if check.status == "FAIL"]
     if failed:
         print(f"{len(failed)} check(s) failed")
@@ -340,7 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--deep", action="store_true", help="also resolve the model and render the prompts"
     )
+    validate.add_argument(
+        "--data-root", help="experiments only: where relative data and benchmark paths resolve"
+    )
     validate.set_defaults(handler=cmd_validate)
+
+    from sdft.continual.command import add_parser as add_continual_parser
+
+    add_continual_parser(commands)
 
     evaluate = commands.add_parser(
         "eval", help="score the benchmarks on the base model or a checkpoint"
@@ -359,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--labels", nargs="+", help="names for the runs (default: dir names)")
     compare.add_argument("--output", help="write comparison.md and comparison.png here")
     compare.set_defaults(handler=cmd_compare)
+
+    from sdft.serve.cli import add_serve_arguments, cmd_serve
+
+    serve = commands.add_parser(
+        "serve", help="serve the local backend over Tinker's HTTP protocol (sdft serve --help)"
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -366,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SDFT_DEBUG", "") not in ("", "0")
+    from sdft.console import configure_output
+
+    configure_output(debug=debug)
+    install_log_redaction()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -373,8 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:
         if debug:
-            raise
-        message = str(exc) or type(exc).__name__
+            # The traceback Python would print, minus secrets; 1 is Python's own status for it.
+            sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+            return 1
+        message = redact(str(exc) or type(exc).__name__)
         print(f"sdft: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -1,0 +1,7 @@
+"""``python -m sdft.serve``."""
+
+import sys
+
+from sdft.serve.cli import main
+
+sys.exit(main())
