@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from sdft.backends.local import (
     _inference,
     _sampling,
 )
-from sdft.backends.local._runtime import lora_delta, lora_layers
+from sdft.backends.local._modules import lora_delta, lora_layers
 from sdft.models import TINY_RANDOM_MODEL, load_model
 
 VOCAB = 49152
@@ -297,6 +298,15 @@ def test_missing_corrupt_and_conflicting_checkpoints(
     ):
         local_service.create_training_client_from_state(path).result()
     weights.write_bytes(b"\xff" * len(data))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"adapter_model\.safetensors does not match its SHA-256"
+    ):
+        local_service.create_training_client_from_state(path).result()
+    # metadata rewritten to vouch for the garbage: the file itself is still refused
+    meta_path = directory / "sdft_checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"]["adapter_model.safetensors"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
     with pytest.raises(CorruptCheckpointError, match=r"cannot read adapter_model\.safetensors"):
         local_service.create_training_client_from_state(path).result()
     (directory / "sdft_checkpoint.json").write_text("{not json")
@@ -307,16 +317,17 @@ def test_missing_corrupt_and_conflicting_checkpoints(
 def test_failed_save_leaves_nothing_behind(
     local_service: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safetensors.torch
+    from sdft.backends.local import _checkpoints
 
     client, _ = _trained_lora(local_service, tiny_tokenizer)
-    real_save = safetensors.torch.save_file
+    real_write = _checkpoints.write_file
 
-    def failing_save(tensors: Any, filename: str, metadata: Any = None) -> None:
-        real_save(tensors, filename, metadata)
-        raise OSError("disk full")
+    def failing_write(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        if path.name == "optimizer.safetensors":
+            raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(_checkpoints, "write_file", failing_write)
     with pytest.raises(OSError, match="disk full"):
         client.save_state("broken").result()
     run_dir = local_service.checkpoint_root / client.model_id / "weights"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -136,13 +138,21 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to ``path`` when the block succeeds.
 
     If ``path`` exists it is replaced only after the new directory is complete. On error the
-    temporary directory is removed and ``path`` is left as it was.
+    temporary directory is removed and ``path`` is left as it was. When ``path`` is a symlink,
+    the directory it points to is replaced and the link kept. While the block runs, the temporary
+    directory is locked (``flock``), which tells :func:`remove_orphaned_temp_dirs` that it is in
+    use; a process killed mid-write releases the lock and leaves an orphan that function removes.
     """
     target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, _default_dir_mode())
+    lock = _lock_directory(tmp)
+    if lock is None:  # only a cleaner racing the instant after mkdtemp could hold it
+        raise BlockingIOError(f"{tmp} was locked by another process as soon as it was created")
     try:
+        os.chmod(tmp, _default_dir_mode())
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
@@ -150,16 +160,103 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
                     os.fsync(handle.fileno())
         if target.exists():
             old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a leftover is removed by the next cleanup
+                _remove(old)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     _fsync_dir(target.parent)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink (not what it points to) or directory tree; nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _lock_directory(path: Path) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on directory ``path``, or None when
+    another open descriptor (any process) holds one."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# What atomic_directory leaves behind when killed: ``.<name>.<8 chars of mkdtemp>.tmp`` (the
+# directory being written) and ``.<name>.old`` (between its two renames).
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+_OLD_DIR = re.compile(r"^\.(?P<name>.+)\.old$")
+
+
+def remove_orphaned_temp_dirs(
+    folder: str | os.PathLike[str], *, min_age_s: float = 2.0
+) -> list[Path]:
+    """Clean up after :func:`atomic_directory` calls in ``folder`` whose process was killed.
+
+    Removes temporary directories named like atomic_directory's own that no process has locked
+    (their writer is gone) and that are at least ``min_age_s`` old (covering the instant between
+    their creation and their locking). A ``.<name>.old`` left between the two renames of a
+    replacement is removed when ``<name>`` exists and renamed back to ``<name>`` when it does not
+    (it is then the only complete copy), unless a write of ``<name>`` is still running. Anything
+    else in ``folder`` is left alone. Returns the paths removed or restored.
+    """
+    base = Path(folder)
+    if not base.is_dir():
+        return []
+    now = time.time()
+    cleaned: list[Path] = []
+    busy: set[str] = set()
+    olds: list[tuple[Path, str]] = []
+    for child in sorted(base.iterdir()):
+        if child.is_symlink() or not child.is_dir():
+            continue
+        old = _OLD_DIR.match(child.name)
+        if old:
+            olds.append((child, old.group("name")))
+            continue
+        temp = _TEMP_DIR.match(child.name)
+        if not temp:
+            continue
+        if now - child.lstat().st_mtime < min_age_s:
+            busy.add(temp.group("name"))
+            continue
+        lock = _lock_directory(child)
+        if lock is None:
+            busy.add(temp.group("name"))
+            continue
+        try:
+            shutil.rmtree(child)
+        finally:
+            os.close(lock)
+        cleaned.append(child)
+    for old_dir, name in olds:
+        if name in busy or now - old_dir.lstat().st_mtime < min_age_s:
+            continue
+        current = base / name
+        if current.exists() or current.is_symlink():
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(old_dir, current)
+        cleaned.append(old_dir)
+    if cleaned:
+        _fsync_dir(base)
+    return cleaned
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

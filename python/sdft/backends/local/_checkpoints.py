@@ -1,4 +1,4 @@
-"""Checkpoints of the local backend: real files, written atomically, read without pickle.
+"""Checkpoint directories of the local backend: layout, metadata, integrity, atomic writes.
 
 Layout under ``checkpoint_root``::
 
@@ -6,31 +6,43 @@ Layout under ``checkpoint_root``::
     <run_id>/sampler_weights/<name>/   save_weights_for_sampler: weights only
 
 addressed as ``local://<run_id>/weights/<name>`` (a plain filesystem path to such a directory is
-accepted too). Each directory holds ``sdft_checkpoint.json`` (metadata and file sizes) and:
+accepted too). Each directory holds ``sdft_checkpoint.json`` (metadata) and the files of
+:mod:`sdft.backends.local._checkpoint_state`.
 
-- LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's own format
-  (``peft.PeftModel.from_pretrained(base_model, directory)`` loads it directly);
-- full fine-tuning: ``config.json`` + ``model.safetensors`` in transformers' format
-  (``AutoModelForCausalLM.from_pretrained(directory)`` loads it directly);
-- state checkpoints also ``optimizer.safetensors`` (AdamW moments per parameter name) and
-  ``optimizer.json`` (step counts, hyper-parameters, parameter names).
+Integrity. The metadata lists every other file of the directory in ``files`` (name -> bytes) and
+``sha256`` (name -> hex digest of its content). A file name is a plain name in the directory:
+an absolute path, a ``/``, ``..``, or a symlink in the directory is refused before anything is
+opened. Opening a checkpoint checks every listed file's size and SHA-256 and names the first that
+differs; the loaders then refuse non-finite (NaN / infinite) tensors. Saving writes every file
+with a loop that handles short writes, reads the files back against the digests of what was
+meant to be written, and only then publishes the directory (one rename), so a failed or
+truncated write never becomes a visible checkpoint.
+
+Format versions. Version 2 (written now) carries the digests. Version 1 checkpoints (written
+before digests existed) are still opened, with the size check only; their tensors still pass the
+non-finite check. Anything else is refused.
+
+Orphans. A process killed while saving leaves ``.<name>.<random>.tmp`` directories (and possibly
+``.<name>.old``) next to its checkpoints; saving to or opening a checkpoint of a run removes the
+ones of that run that no live writer holds (``sdft._atomic.remove_orphaned_temp_dirs``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
+import os
 import re
 import time
-import warnings
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from sdft._atomic import atomic_directory, write_json
+from sdft._atomic import atomic_directory, remove_orphaned_temp_dirs
 from sdft.backends.local._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -41,15 +53,14 @@ from sdft.backends.local._errors import (
 SCHEME = "local://"
 META_FILE = "sdft_checkpoint.json"
 FORMAT = "sdft-local-checkpoint"
-FORMAT_VERSION = 1
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-FULL_WEIGHTS = "model.safetensors"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_STATE = "optimizer.json"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+KINDS = ("weights", "sampler_weights")
 
 CheckpointKind = Literal["weights", "sampler_weights"]
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_READ_CHUNK = 4 * 2**20
 
 
 def check_name(name: Any) -> str:
@@ -81,7 +92,7 @@ def resolve_path(root: Path, path: Any) -> Path:
         )
     if text.startswith(SCHEME):
         parts = text[len(SCHEME) :].split("/")
-        if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not all(parts):
+        if len(parts) != 3 or parts[1] not in KINDS or not all(parts):
             raise LocalBadRequestError(
                 f"malformed local checkpoint path {text!r}; expected "
                 "local://<run_id>/weights/<name> or local://<run_id>/sampler_weights/<name>"
@@ -93,8 +104,27 @@ def resolve_path(root: Path, path: Any) -> Path:
     return Path(text).expanduser()
 
 
+def remove_orphans(directory: Path) -> list[Path]:
+    """Remove what killed saves left in the run folders of checkpoint ``directory`` (both kind
+    folders of a ``<run_id>/<kind>/<name>`` layout, else the directory's parent).
+
+    Best effort: a folder that cannot be cleaned (permissions) is left as it is.
+    """
+    parent = directory.parent
+    folders = [parent.parent / kind for kind in KINDS] if parent.name in KINDS else [parent]
+    removed: list[Path] = []
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            removed.extend(remove_orphaned_temp_dirs(folder))
+    return removed
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
 def read_meta(directory: Path, shown: str) -> dict[str, Any]:
-    """The checkpoint's metadata, after checking every listed file is present and complete."""
+    """The checkpoint's metadata, after checking that every listed file is a plain file of the
+    directory with the recorded size and SHA-256 (version 1: size only)."""
     meta_path = directory / META_FILE
     if not directory.is_dir():
         raise CheckpointNotFoundError(f"no checkpoint at {shown} (directory {directory} not found)")
@@ -110,37 +140,126 @@ def read_meta(directory: Path, shown: str) -> dict[str, Any]:
         ) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptCheckpointError(f"checkpoint {shown}: {meta_path} is not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
+    version = meta.get("version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CorruptCheckpointError(
-            f"checkpoint {shown}: format version {meta.get('version')} is not supported "
-            f"(this sdft reads version {FORMAT_VERSION})"
+            f"checkpoint {shown}: format version {version!r} is not supported "
+            f"(this sdft reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key in ("training", "base_model", "files"):
         if key not in meta:
-            raise CorruptCheckpointError(f"checkpoint {shown}: {meta_path} has no {key!r}")
-    for file_name, size in meta["files"].items():
-        file_path = directory / file_name
-        if not file_path.is_file():
-            raise CorruptCheckpointError(f"checkpoint {shown}: {file_name} is missing")
-        actual = file_path.stat().st_size
-        if actual != size:
-            raise CorruptCheckpointError(
-                f"checkpoint {shown}: {file_name} has {actual} bytes, {size} were written "
-                "(truncated or modified)"
-            )
+            raise CorruptCheckpointError(f"checkpoint {shown}: {META_FILE} has no {key!r}")
+    if not isinstance(meta["base_model"], str) or not meta["base_model"]:
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: {META_FILE} 'base_model' must be a model name, "
+            f"got {meta['base_model']!r}"
+        )
+    sizes = _sizes(meta["files"], shown)
+    digests = _digests(meta, sizes, shown) if version >= 2 else None
+    for name, size in sizes.items():
+        _check_file(directory, name, size, None if digests is None else digests[name], shown)
     return meta
 
 
-def _load_tensors(path: Path, shown: str) -> dict[str, torch.Tensor]:
+def _sizes(files: Any, shown: str) -> dict[str, int]:
+    if not isinstance(files, dict):
+        raise CorruptCheckpointError(f"checkpoint {shown}: {META_FILE} 'files' is not an object")
+    sizes = {}
+    for name, size in files.items():
+        confined_name(name, shown)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise CorruptCheckpointError(
+                f"checkpoint {shown}: {META_FILE} gives {name} the size {size!r}, not a byte count"
+            )
+        sizes[name] = size
+    return sizes
+
+
+def _digests(meta: dict[str, Any], sizes: dict[str, int], shown: str) -> dict[str, str]:
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != set(sizes):
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: {META_FILE} 'sha256' must give a digest for exactly the "
+            "files it lists"
+        )
+    for name, digest in digests.items():
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise CorruptCheckpointError(
+                f"checkpoint {shown}: {META_FILE} has no valid SHA-256 for {name} ({digest!r})"
+            )
+    return digests
+
+
+def confined_name(name: Any, shown: str) -> str:
+    """``name`` when it is a plain file name (metadata can only name files of its directory)."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..", META_FILE)
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+    ):
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: {META_FILE} lists {name!r}, which is not a file name inside "
+            "the checkpoint directory (paths, '..' and the metadata file itself are refused)"
+        )
+    return name
+
+
+def _check_file(directory: Path, name: str, size: int, digest: str | None, shown: str) -> None:
+    path = directory / name
+    if path.is_symlink():
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: {name} is a symlink; checkpoint files must be regular files "
+            "inside the checkpoint directory"
+        )
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint {shown}: {name} is missing")
+    actual = path.stat().st_size
+    if actual != size:
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: {name} has {actual} bytes, {size} were written "
+            "(truncated or modified)"
+        )
+    if digest is not None and _file_sha256(path) != digest:
+        raise CorruptCheckpointError(
+            f"checkpoint {shown}: {name} does not match its SHA-256 (modified or corrupted "
+            "after it was written)"
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def require_files(meta: dict[str, Any], names: tuple[str, ...], shown: str) -> None:
+    """Refuse a checkpoint whose (verified) file list lacks one of ``names``."""
+    for name in names:
+        if name not in meta["files"]:
+            raise CorruptCheckpointError(f"checkpoint {shown}: {META_FILE} does not list {name}")
+
+
+def load_tensors(directory: Path, name: str, shown: str) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file ``name``; any NaN or infinity is refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(directory / confined_name(name, shown)))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: cannot read {path.name} ({exc})"
-        ) from exc
+        raise CorruptCheckpointError(f"checkpoint {shown}: cannot read {name} ({exc})") from exc
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CorruptCheckpointError(
+                f"checkpoint {shown}: {name} holds {bad} non-finite values (NaN or infinity) "
+                f"in {key}"
+            )
+    return tensors
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -150,185 +269,52 @@ def write_checkpoint(
     directory: Path,
     *,
     meta: dict[str, Any],
-    module: nn.Module,
-    is_lora: bool,
-    optimizer: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+    contents: Mapping[str, bytes],
     overwrite: bool,
     shown: str,
 ) -> None:
-    """Write a checkpoint directory atomically (readers never see a partial one)."""
-    from safetensors.torch import save_file
+    """Write ``contents`` (file name -> bytes) and the metadata as checkpoint ``directory``.
 
-    if directory.exists() and not overwrite:
+    Readers never see a partial checkpoint: everything is written into a temporary sibling,
+    fsynced, read back against the digests of ``contents``, and renamed into place.
+    """
+    if (directory.exists() or directory.is_symlink()) and not overwrite:
         raise CheckpointExistsError(
             f"checkpoint {shown} already exists; pass overwrite=True to replace it"
         )
+    remove_orphans(directory)
+    sizes = {}
+    digests = {}
     with atomic_directory(directory) as tmp:
-        if is_lora:
-            with _quiet_peft():
-                module.save_pretrained(str(tmp), save_embedding_layers=False)
-            (tmp / "README.md").unlink(missing_ok=True)
-        else:
-            hf_model = module
-            hf_model.config.save_pretrained(str(tmp))
-            tensors = {
-                name: p.detach().to("cpu").contiguous() for name, p in hf_model.named_parameters()
-            }
-            save_file(tensors, str(tmp / FULL_WEIGHTS), metadata={"format": "pt"})
-        if optimizer is not None:
-            tensors, state = optimizer
-            save_file(tensors, str(tmp / OPTIMIZER_TENSORS), metadata={"format": "pt"})
-            write_json(tmp / OPTIMIZER_STATE, state)
-        files = {
-            child.name: child.stat().st_size for child in sorted(tmp.iterdir()) if child.is_file()
+        for name, data in contents.items():
+            write_file(tmp / confined_name(name, shown), data)
+            sizes[name] = len(data)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        for name in contents:
+            _check_file(tmp, name, sizes[name], digests[name], f"{shown} (while saving)")
+        record = {
+            **meta,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "created_unix": time.time(),
+            "files": sizes,
+            "sha256": digests,
         }
-        write_json(
-            tmp / META_FILE,
-            {
-                **meta,
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "created_unix": time.time(),
-                "files": files,
-            },
-        )
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        write_file(tmp / META_FILE, text.encode("utf-8"))
 
 
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft warns that a tied lm_head is adapted; that is deliberate here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        warnings.filterwarnings("ignore", message=".*tied.*")
-        yield
-
-
-# --- reading weights ----------------------------------------------------------------------
-
-
-def load_lora_weights(module: nn.Module, directory: Path, shown: str) -> None:
-    """Load ``adapter_model.safetensors`` into a peft model whose adapter matches the checkpoint."""
-    from peft import set_peft_model_state_dict
-
-    tensors = _load_tensors(directory / ADAPTER_WEIGHTS, shown)
-    expected = {
-        name for name, _ in module.named_parameters() if ".lora_A." in name or ".lora_B." in name
-    }
+def write_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` and fsync it (a short write is continued; a write that makes
+    no progress is an error)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        result = set_peft_model_state_dict(module, tensors)
-    except RuntimeError as exc:  # shape mismatch
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: adapter does not fit the model ({exc})"
-        ) from exc
-    missing = sorted(name for name in result.missing_keys if name in expected)
-    if missing or result.unexpected_keys:
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: adapter tensors do not match the model (missing {missing[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]})"
-        )
-
-
-def load_full_weights(module: nn.Module, directory: Path, shown: str) -> None:
-    tensors = _load_tensors(directory / FULL_WEIGHTS, shown)
-    params = dict(module.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    extra = sorted(set(tensors) - set(params))
-    if missing or extra:
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: weights do not match the model (missing {missing[:3]}, "
-            f"unexpected {extra[:3]})"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            tensor = tensors[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CorruptCheckpointError(
-                    f"checkpoint {shown}: {name} has shape {tuple(tensor.shape)}, the model "
-                    f"expects {tuple(param.shape)}"
-                )
-            param.copy_(tensor)
-
-
-# --- optimizer state ----------------------------------------------------------------------
-
-
-def optimizer_payload(
-    optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]], extra: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    steps: dict[str, float] = {}
-    for name, param in named:
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        steps[name] = float(state["step"])
-        tensors[f"{name}::exp_avg"] = state["exp_avg"].detach().to("cpu").contiguous()
-        tensors[f"{name}::exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu").contiguous()
-    group = optimizer.param_groups[0]
-    state_json = {
-        "optimizer": "adamw",
-        "param_names": [name for name, _ in named],
-        "steps": steps,
-        "last_hyperparameters": {
-            "lr": float(group["lr"]),
-            "betas": [float(b) for b in group["betas"]],
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
-        },
-        **extra,
-    }
-    return tensors, state_json
-
-
-def restore_optimizer(
-    optimizer: torch.optim.Optimizer,
-    named: list[tuple[str, nn.Parameter]],
-    directory: Path,
-    shown: str,
-) -> dict[str, Any]:
-    """Put the saved AdamW moments and step counts back; returns the saved JSON state."""
-    state_path = directory / OPTIMIZER_STATE
-    if not state_path.is_file() or not (directory / OPTIMIZER_TENSORS).is_file():
-        raise CorruptCheckpointError(
-            f"checkpoint {shown} has no optimizer state (it is a sampler checkpoint or was saved "
-            "without one); use create_training_client_from_state to start with a fresh optimizer"
-        )
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: {OPTIMIZER_STATE} unreadable ({exc})"
-        ) from exc
-    tensors = _load_tensors(directory / OPTIMIZER_TENSORS, shown)
-    names = [name for name, _ in named]
-    if state.get("param_names") != names:
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: optimizer state was saved for different parameters than this "
-            "model has"
-        )
-    for name, param in named:
-        if name not in state["steps"]:
-            continue
-        try:
-            exp_avg = tensors[f"{name}::exp_avg"]
-            exp_avg_sq = tensors[f"{name}::exp_avg_sq"]
-        except KeyError as exc:
-            raise CorruptCheckpointError(
-                f"checkpoint {shown}: optimizer tensor {exc} missing"
-            ) from exc
-        if exp_avg.shape != param.shape or exp_avg_sq.shape != param.shape:
-            raise CorruptCheckpointError(
-                f"checkpoint {shown}: optimizer state of {name} has the wrong shape"
-            )
-        # fused / capturable AdamW keep the step count on the parameter's device
-        on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
-        optimizer.state[param] = {
-            "step": torch.tensor(
-                state["steps"][name],
-                dtype=torch.float32,
-                device=param.device if on_device else "cpu",
-            ),
-            "exp_avg": exp_avg.to(device=param.device, dtype=param.dtype),
-            "exp_avg_sq": exp_avg_sq.to(device=param.device, dtype=param.dtype),
-        }
-    return state
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, f"writing {path.name}: the write made no progress")
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -196,8 +196,10 @@ def score_prompts(
     positions = torch.from_numpy(np.concatenate(row_pos)).long()
     tokens = torch.from_numpy(np.concatenate(row_token)).long()
     k_max = max(requests[i].topk_prompt_logprobs for i in wanted)
-    target_requests = [i for i in wanted if requests[i].target_prompt_ids is not None]
-    k_target = max((requests[i].target_prompt_ids.shape[1] for i in target_requests), default=0)
+    k_target = max(
+        (r.target_prompt_ids.shape[1] for r in requests if r.target_prompt_ids is not None),
+        default=0,
+    )
     targets = None
     if k_target:
         targets = torch.full((tokens.shape[0], k_target), -1, dtype=torch.long)

@@ -1,22 +1,14 @@
-"""A loaded model with its worker thread, the weight views samplers see, and the forward helpers.
+"""A loaded model with its worker thread and the forward helpers every job runs through.
 
 Every module is touched by exactly one worker thread (``ModelRuntime.worker``), so training steps,
-snapshots and batched sampling on that module never interleave. Samplers that must see other
-weights than the module's live ones (a frozen snapshot, an EMA teacher, the base model of a LoRA
-student) apply a :class:`WeightView` for the duration of their batch: parameters are swapped by
-re-binding module attributes (no copies) and restored afterwards.
+snapshots and batched sampling on that module never interleave.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
 import itertools
 import threading
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +16,7 @@ from torch import nn
 
 from sdft.backends.local._cpu_linear import use_onednn_linears
 from sdft.backends.local._worker import SerialWorker
-from sdft.models import load_model, load_tokenizer, max_context_length
+from sdft.models import max_context_length
 
 # Logits of at most this many bytes are materialized at once (rows are processed in chunks).
 LOGITS_CHUNK_BYTES = 128 * 2**20
@@ -42,39 +34,6 @@ def pick_device(device: str | torch.device) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
     return torch.device(device)
-
-
-@dataclass
-class WeightView:
-    """Which weights a sampler sees on a shared module.
-
-    ``rebinds`` maps (module, parameter name) to the parameter to use instead; ``disable_adapters``
-    turns LoRA adapters off (the base model of a LoRA student). An empty view is the live model.
-    """
-
-    rebinds: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
-    disable_adapters: bool = False
-    label: str = "live"
-
-    @contextlib.contextmanager
-    def applied(self, runtime: ModelRuntime) -> Iterator[None]:
-        saved = []
-        try:
-            for module, name, param in self.rebinds:
-                saved.append((module, name, module._parameters[name]))
-                module._parameters[name] = param
-            if self.disable_adapters:
-                with runtime.module.disable_adapter():
-                    yield
-            else:
-                yield
-        finally:
-            for module, name, original in reversed(saved):
-                module._parameters[name] = original
-
-
-def frozen_parameter(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor, requires_grad=False)
 
 
 class ModelRuntime:
@@ -216,186 +175,3 @@ def _eos_tokens(hf_model: Any, tokenizer: Any, vocab_size: int) -> frozenset[int
         elif isinstance(source, (list, tuple)):
             ids.update(int(i) for i in source)
     return frozenset(i for i in ids if 0 <= i < vocab_size)
-
-
-# --- building modules ---------------------------------------------------------------------
-
-
-def load_base_module(name: str, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The frozen base model (all parameters ``requires_grad=False``)."""
-    module = load_model(name, dtype=dtype, device=device)
-    for param in module.parameters():
-        param.requires_grad_(False)
-    return module
-
-
-def base_tokenizer(name: str) -> Any:
-    return load_tokenizer(name)
-
-
-def share_structure(base: nn.Module) -> nn.Module:
-    """A new module tree whose parameters and buffers are the base's own tensors (no copy).
-
-    LoRA students and samplers built on one base model share its (frozen) weights this way; peft
-    then injects adapters into the copy without touching the base.
-    """
-    memo = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
-    return copy.deepcopy(base, memo)
-
-
-def trainable_copy(base: nn.Module) -> nn.Module:
-    """A full copy of the base model with every parameter trainable (full fine-tuning)."""
-    module = copy.deepcopy(base)
-    for param in module.parameters():
-        param.requires_grad_(True)
-    return module
-
-
-_ATTENTION_PARTS = ("attn", "attention")
-_MLP_PARTS = ("mlp", "ffn", "feed_forward", "experts", "moe")
-
-
-def lora_target_modules(
-    hf_model: nn.Module, *, train_attn: bool, train_mlp: bool, train_unembed: bool
-) -> list[str]:
-    """Full names of the linear layers that get LoRA adapters (Tinker's three switches)."""
-    decoder = hf_model.get_decoder()
-    decoder_prefix = next(name for name, module in hf_model.named_modules() if module is decoder)
-    head = hf_model.get_output_embeddings()
-    targets = []
-    for name, module in hf_model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if module is head:
-            if train_unembed:
-                targets.append(name)
-            continue
-        if not name.startswith(decoder_prefix + "."):
-            continue
-        parts = name.lower().split(".")
-        if any(p in part for part in parts for p in _ATTENTION_PARTS):
-            if train_attn:
-                targets.append(name)
-        elif any(p in part for part in parts for p in _MLP_PARTS):
-            if train_mlp:
-                targets.append(name)
-    if not targets:
-        raise ValueError(
-            "no linear layers matched the LoRA switches (train_attn, train_mlp, train_unembed)"
-        )
-    return targets
-
-
-def make_lora_module(
-    base: nn.Module,
-    *,
-    rank: int,
-    alpha: float,
-    seed: int | None,
-    target_modules: list[str],
-    base_model_name: str,
-) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=target_modules,
-        base_model_name_or_path=base_model_name,
-    )
-    shared = share_structure(base)
-    with torch.random.fork_rng(devices=_rng_devices(base)), warnings.catch_warnings():
-        # Adapting a tied lm_head is deliberate: the adapter only changes the output projection.
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        # peft notes that the config names the resolved directory; the name is set back below.
-        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
-        if seed is not None:
-            torch.manual_seed(seed)
-        module = get_peft_model(shared, config)
-    module.peft_config["default"].base_model_name_or_path = base_model_name
-    module.eval()
-    return module
-
-
-def _rng_devices(module: nn.Module) -> list[int]:
-    device = next(module.parameters()).device
-    return [device.index or 0] if device.type == "cuda" else []
-
-
-def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, peft LoRA layer) pairs of a peft model with the ``default`` adapter."""
-    from peft.tuners.lora import LoraLayer
-
-    return [
-        (name, layer)
-        for name, layer in module.named_modules()
-        if isinstance(layer, LoraLayer) and "default" in getattr(layer, "lora_A", {})
-    ]
-
-
-def lora_delta(layer: nn.Module) -> torch.Tensor:
-    """The effective weight change ``scale * B @ A`` of one LoRA linear layer (out, in)."""
-    a = layer.lora_A["default"].weight
-    b = layer.lora_B["default"].weight
-    delta = (b.float() @ a.float()) * float(layer.scaling["default"])
-    if getattr(layer, "fan_in_fan_out", False):
-        delta = delta.T
-    return delta
-
-
-def merged_lora_weight(layer: nn.Module) -> torch.Tensor:
-    """``W0 + scale * B @ A`` of one LoRA linear layer, in the base weight's dtype (a new tensor)."""
-    base = layer.base_layer.weight
-    return (base.detach().float() + lora_delta(layer)).to(base.dtype)
-
-
-def merged_lora_view(
-    module: nn.Module, merged: list[tuple[nn.Module, torch.Tensor]], *, label: str
-) -> WeightView:
-    """A view that runs each LoRA layer's base linear with ``merged`` weights and adapters off.
-
-    Only the adapted layer's own ``base_layer.weight`` is re-bound, so a tied input embedding keeps
-    the base weights even when the (tied) lm_head is adapted.
-    """
-    return WeightView(
-        rebinds=[
-            (layer.base_layer, "weight", frozen_parameter(weight)) for layer, weight in merged
-        ],
-        disable_adapters=True,
-        label=label,
-    )
-
-
-def trainable_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-
-
-def parameter_bindings(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """For every parameter (by identity), all (module, attribute) places that hold it (a tied
-    weight has two)."""
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
-    for owner in module.modules():
-        for name, param in owner._parameters.items():
-            if param is not None:
-                places.setdefault(id(param), []).append((owner, name))
-    return places
-
-
-def view_replacing(
-    module: nn.Module,
-    replacements: dict[int, torch.Tensor],
-    *,
-    label: str,
-    disable_adapters: bool = False,
-) -> WeightView:
-    """A view in which every place holding parameter ``id`` uses ``replacements[id]`` instead."""
-    bindings = parameter_bindings(module)
-    rebinds = []
-    for param_id, tensor in replacements.items():
-        param = frozen_parameter(tensor)
-        for owner, name in bindings.get(param_id, []):
-            rebinds.append((owner, name, param))
-    return WeightView(rebinds=rebinds, disable_adapters=disable_adapters, label=label)

@@ -19,6 +19,7 @@ import torch
 from tinker import types
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
+from sdft.backends.local._deprecated import SamplingClientAsyncShims
 from sdft.backends.local._errors import LocalBadRequestError
 from sdft.backends.local._inference import (
     generate,
@@ -32,7 +33,8 @@ from sdft.backends.local._inputs import (
     model_input_tokens,
     prepare_sample_request,
 )
-from sdft.backends.local._runtime import ModelRuntime, WeightView
+from sdft.backends.local._runtime import ModelRuntime
+from sdft.backends.local._views import WeightView
 from sdft.backends.local._worker import failed_future
 
 # A batch holds at most this many padded prompt tokens / generated rows; larger sets of queued
@@ -53,7 +55,7 @@ class _Queued:
     queued_at: float
 
 
-class LocalSamplingClient:
+class LocalSamplingClient(SamplingClientAsyncShims):
     """Samples from (and scores prompts with) one set of weights on a :class:`ModelRuntime`."""
 
     def __init__(
@@ -148,16 +150,6 @@ class LocalSamplingClient:
         return self.runtime.tokenizer
 
     def get_base_model(self) -> str:
-        return self.base_model
-
-    async def sample_async(self, *args: Any, **kwargs: Any) -> types.SampleResponse:
-        """Deprecated Tinker shim: ``await`` gives the response itself."""
-        return await self.sample(*args, **kwargs)
-
-    async def compute_logprobs_async(self, *args: Any, **kwargs: Any) -> list[float | None]:
-        return await self.compute_logprobs(*args, **kwargs)
-
-    async def get_base_model_async(self) -> str:
         return self.base_model
 
     # --- local extras -----------------------------------------------------------------------

@@ -10,26 +10,28 @@ import torch
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
 from sdft.backends.local import _checkpoints as ckpt
-from sdft.backends.local._errors import CorruptCheckpointError, LocalBadRequestError
-from sdft.backends.local._runtime import (
-    ModelRuntime,
-    WeightView,
+from sdft.backends.local._checkpoint_state import load_weights
+from sdft.backends.local._deprecated import ServiceClientAsyncShims
+from sdft.backends.local._errors import LocalBadRequestError
+from sdft.backends.local._modules import (
     base_tokenizer,
+    build_module,
+    checkpoint_adapter,
     load_base_module,
     lora_target_modules,
-    make_lora_module,
-    pick_device,
-    trainable_copy,
 )
+from sdft.backends.local._runtime import ModelRuntime, pick_device
 from sdft.backends.local._sampling import LocalSamplingClient
-from sdft.backends.local._training import LocalTrainingClient, LoraSettings
+from sdft.backends.local._settings import LoraSettings, TrainingSettings
+from sdft.backends.local._training import LocalTrainingClient
+from sdft.backends.local._views import WeightView
 from sdft.backends.local._worker import SerialWorker, done_future, failed_future
 from sdft.models import cache_root, parse_dtype
 
 DEFAULT_LORA_ALPHA = 32.0
 
 
-class LocalServiceClient:
+class LocalServiceClient(ServiceClientAsyncShims):
     """Creates training and sampling clients that run in this process.
 
     ``checkpoint_root``: where ``save_state`` / ``save_weights_for_sampler`` write (default
@@ -134,7 +136,7 @@ class LocalServiceClient:
                 train_unembed=train_unembed,
                 target_modules=tuple(targets),
             )
-            return self._lora_client(base_model, settings, user_metadata)
+            return self._training_client(base_model, settings, seed, user_metadata)
 
         return self._worker.submit(create)
 
@@ -145,7 +147,7 @@ class LocalServiceClient:
         There is no random initialization; ``seed`` is recorded in checkpoint metadata."""
 
         def create() -> LocalTrainingClient:
-            return self._full_client(base_model, seed, user_metadata)
+            return self._training_client(base_model, None, seed, user_metadata)
 
         return self._worker.submit(create)
 
@@ -189,75 +191,44 @@ class LocalServiceClient:
 
         def create() -> LocalTrainingClient:
             shown = str(path)
+            ckpt.remove_orphans(directory)
             meta = _checkpoint_meta(directory, shown, base_model)
-            model = meta["base_model"]
+            lora = checkpoint_adapter(meta, shown)
+            seed = lora.seed if lora else meta.get("seed")
             metadata = {**meta.get("user_metadata", {}), **(user_metadata or {})}
-            if meta["training"] == "lora":
-                settings = _lora_settings(meta, shown)
-                client = self._lora_client(model, settings, metadata)
-            elif meta["training"] == "full":
-                client = self._full_client(model, meta.get("seed"), metadata)
-            else:
-                raise CorruptCheckpointError(
-                    f"checkpoint {shown}: unknown training {meta['training']!r}"
-                )
+            client = self._training_client(meta["base_model"], lora, seed, metadata)
             client.runtime.worker.submit(
-                client.load_weights_from, directory, shown, with_optimizer=with_optimizer
+                client.load_weights_from, directory, meta, shown, with_optimizer=with_optimizer
             ).result()
             return client
 
         return self._worker.submit(create)
 
-    def _lora_client(
-        self, base_model: str, settings: LoraSettings, user_metadata: dict[str, str] | None
+    def _training_client(
+        self,
+        base_model: str,
+        lora: LoraSettings | None,
+        seed: int | None,
+        user_metadata: dict[str, str] | None,
     ) -> LocalTrainingClient:
-        base = self._base_module(base_model)
-        module = make_lora_module(
-            base,
-            rank=settings.rank,
-            alpha=settings.alpha,
-            seed=settings.seed,
-            target_modules=list(settings.target_modules),
-            base_model_name=base_model,
+        module = build_module(
+            self._base_module(base_model), lora, base_model=base_model, trainable=True
         )
-        runtime = self._runtime(module, base_model, label="lora")
+        runtime = self._runtime(module, base_model, label="lora" if lora else "full")
         return LocalTrainingClient(
-            self,
             runtime,
             base_model=base_model,
-            lora=settings,
-            seed=settings.seed,
+            lora=lora,
+            seed=seed,
+            settings=TrainingSettings(
+                checkpoint_root=self.checkpoint_root,
+                train_batch_tokens=self.train_batch_tokens,
+                merge_lora_for_sampling=self.merge_lora_for_sampling,
+                tempered_logprobs=self.tempered_logprobs,
+            ),
+            open_sampler=lambda path: self.create_sampling_client(model_path=path),
             user_metadata=user_metadata,
         )
-
-    def _full_client(
-        self, base_model: str, seed: int | None, user_metadata: dict[str, str] | None
-    ) -> LocalTrainingClient:
-        module = trainable_copy(self._base_module(base_model))
-        module.eval()
-        runtime = self._runtime(module, base_model, label="full")
-        return LocalTrainingClient(
-            self, runtime, base_model=base_model, lora=None, seed=seed, user_metadata=user_metadata
-        )
-
-    def check_compatible(
-        self, meta: dict[str, Any], client: LocalTrainingClient, shown: str
-    ) -> None:
-        """Raise unless checkpoint ``meta`` can be loaded into ``client``."""
-        if meta["base_model"] != client.base_model:
-            raise LocalBadRequestError(
-                f"checkpoint {shown} was trained from {meta['base_model']!r}, this client trains "
-                f"{client.base_model!r}"
-            )
-        kind = "lora" if client.lora else "full"
-        if meta["training"] != kind:
-            raise LocalBadRequestError(
-                f"checkpoint {shown} holds {meta['training']} weights, this client is {kind}"
-            )
-        if client.lora and not _same_adapter(_lora_settings(meta, shown), client.lora):
-            raise LocalBadRequestError(
-                f"checkpoint {shown}: its LoRA settings differ from this client's"
-            )
 
     # --- sampling clients -------------------------------------------------------------------------
 
@@ -290,31 +261,14 @@ class LocalServiceClient:
 
         def create_from_checkpoint() -> LocalSamplingClient:
             shown = str(model_path)
+            ckpt.remove_orphans(directory)
             meta = _checkpoint_meta(directory, shown, base_model)
             model = meta["base_model"]
-            base = self._base_module(model)
-            if meta["training"] == "lora":
-                settings = _lora_settings(meta, shown)
-                module = make_lora_module(
-                    base,
-                    rank=settings.rank,
-                    alpha=settings.alpha,
-                    seed=None,
-                    target_modules=list(settings.target_modules),
-                    base_model_name=model,
-                )
-                for param in module.parameters():
-                    param.requires_grad_(False)
-                ckpt.load_lora_weights(module, directory, shown)
-            elif meta["training"] == "full":
-                module = trainable_copy(base)
-                for param in module.parameters():
-                    param.requires_grad_(False)
-                ckpt.load_full_weights(module, directory, shown)
-            else:
-                raise CorruptCheckpointError(
-                    f"checkpoint {shown}: unknown training {meta['training']!r}"
-                )
+            lora = checkpoint_adapter(meta, shown)
+            module = build_module(self._base_module(model), lora, base_model=model, trainable=False)
+            load_weights(
+                module, is_lora=lora is not None, directory=directory, meta=meta, shown=shown
+            )
             runtime = self._runtime(module, model, label="checkpoint")
             return LocalSamplingClient(
                 runtime,
@@ -374,26 +328,6 @@ class LocalServiceClient:
         self._worker.close()
         return done_future(None)
 
-    # --- deprecated Tinker shims (``await`` gives the client itself) -------------------------------
-
-    async def create_lora_training_client_async(
-        self, *args: Any, **kwargs: Any
-    ) -> LocalTrainingClient:
-        return await self.create_lora_training_client(*args, **kwargs)
-
-    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> LocalSamplingClient:
-        return await self.create_sampling_client(*args, **kwargs)
-
-    async def create_training_client_from_state_async(
-        self, *args: Any, **kwargs: Any
-    ) -> LocalTrainingClient:
-        return await self.create_training_client_from_state(*args, **kwargs)
-
-    async def create_training_client_from_state_with_optimizer_async(
-        self, *args: Any, **kwargs: Any
-    ) -> LocalTrainingClient:
-        return await self.create_training_client_from_state_with_optimizer(*args, **kwargs)
-
 
 def _check_optimizer(optimizer: Any) -> None:
     if optimizer is None:
@@ -414,25 +348,3 @@ def _checkpoint_meta(directory: Path, shown: str, base_model: str | None) -> dic
             f"checkpoint {shown} was trained from {model!r}, not {base_model!r}"
         )
     return meta
-
-
-def _lora_settings(meta: dict[str, Any], shown: str) -> LoraSettings:
-    lora = meta.get("lora")
-    try:
-        return LoraSettings(
-            rank=int(lora["rank"]),
-            alpha=float(lora["alpha"]),
-            seed=lora["seed"],
-            train_mlp=bool(lora["train_mlp"]),
-            train_attn=bool(lora["train_attn"]),
-            train_unembed=bool(lora["train_unembed"]),
-            target_modules=tuple(lora["target_modules"]),
-        )
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CorruptCheckpointError(
-            f"checkpoint {shown}: LoRA settings unreadable ({exc})"
-        ) from exc
-
-
-def _same_adapter(a: LoraSettings, b: LoraSettings) -> bool:
-    return (a.rank, a.alpha, a.target_modules) == (b.rank, b.alpha, b.target_modules)
