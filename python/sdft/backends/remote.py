@@ -119,4 +119,8 @@ def create_service_client(
     probe(url, timeout=probe_timeout)
     import tinker
 
-    return tinker.ServiceClient(base_url=url, api_key=env[API_KEY_ENV].strip())
+    from sdft.redact import register_secret
+
+    api_key = env[API_KEY_ENV].strip()
+    register_secret(api_key)  # redacted from every message even when not from os.environ
+    return tinker.ServiceClient(base_url=url, api_key=api_key)
