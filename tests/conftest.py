@@ -55,3 +55,7 @@ def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     service = LocalServiceClient(checkpoint_root=root, device="cpu", dtype="float32")
     yield service
     service.close()
+
+
+# ``sdft serve`` in a subprocess on the tiny model, for the wire tests (tests/serve_fixture.py).
+from serve_fixture import serve_server, serve_service  # noqa: E402, F401
