@@ -215,7 +215,12 @@ async def measure_drift(
             diffs.append(float(a) - float(b))
         total += sum(diffs)
         count += n
-        row: dict[str, Any] = {"id": ident, "tokens": n, "kl_sum": sum(diffs)}
+        row: dict[str, Any] = {
+            "id": ident,
+            "tokens": n,
+            "kl_sum": sum(diffs),
+            "sequence": ids,
+        }
         if full is not None:
             row["kl_full_sum"] = full[index]
         per_sequence.append(row)

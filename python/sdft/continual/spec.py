@@ -185,6 +185,7 @@ class ExperimentSpec(_Strict):
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
     stages: Annotated[list[StageSpec], Field(min_length=1)]
     benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
+    data_root: Path | None = None
     teacher: Literal["stage_start", "base"] = "stage_start"
     teacher_check_examples: Annotated[int, Field(ge=1)] = 8
 
@@ -424,8 +425,14 @@ def _run_config_errors(
     return resolve_paths(config, base_dir), []
 
 
-def parse_experiment(raw: Any, *, path: Path, text: str = "") -> Experiment:
-    """Validate an experiment mapping read from ``path`` and expand it into its run configs."""
+def parse_experiment(
+    raw: Any, *, path: Path, text: str = "", data_root: Path | None = None
+) -> Experiment:
+    """Validate an experiment mapping read from ``path`` and expand it into its run configs.
+
+    Relative stage data and benchmark paths resolve against ``data_root`` (this argument, else the
+    file's ``data_root`` key, else the experiment file's folder); other relative paths against the
+    experiment file's folder."""
     source = str(path)
     if not isinstance(raw, dict):
         kind = "empty" if raw is None else type(raw).__name__
@@ -437,6 +444,12 @@ def parse_experiment(raw: Any, *, path: Path, text: str = "") -> Experiment:
         raise ExperimentError(_spec_errors(exc, source, lines)) from None
 
     here = path.parent.resolve()
+    if data_root is not None:
+        root = data_root.expanduser().resolve()
+    elif spec.data_root is not None:
+        root = _resolve(here, spec.data_root)
+    else:
+        root = here
     base_path = _resolve(here, spec.base_config)
     if not base_path.is_file():
         raise ExperimentError(
@@ -468,7 +481,7 @@ def parse_experiment(raw: Any, *, path: Path, text: str = "") -> Experiment:
         nested, stage_origins = expand_overrides(stage.overrides, ("stages", index, "overrides"))
         data = dict(stage.data)
         if isinstance(data.get("path"), str):
-            data["path"] = str(_resolve(here, Path(data["path"])))
+            data["path"] = str(_resolve(root, Path(data["path"])))
         stage_layers.append((nested, stage_origins, data))
     method_layers = []
     for index, method in enumerate(spec.methods):
@@ -516,11 +529,22 @@ def parse_experiment(raw: Any, *, path: Path, text: str = "") -> Experiment:
                     if config is not None:
                         # data and benchmark paths are already absolute (experiment-relative).
                         runs[(chain, s_index + 1)] = StageRun(chain, s_index + 1, stage, config)
+    for chain in chains:
+        ranks = {
+            run.config.params.lora_rank or 0 for (other, _), run in runs.items() if other == chain
+        }
+        if len(ranks) > 1:
+            errors.append(
+                f"{source}: stages: chain {chain.label} changes lora_rank between stages "
+                f"({', '.join(str(r) for r in sorted(ranks))}); a stage continues the previous "
+                "stage's weights, so every stage must use the same rank"
+            )
+            break
     if errors:
         raise ExperimentError("\n".join(dict.fromkeys(errors)))
 
     for benchmark in spec.all_benchmarks():
-        benchmark.path = _resolve(here, benchmark.path)
+        benchmark.path = _resolve(root, benchmark.path)
     return Experiment(
         spec=spec,
         path=path.resolve(),
@@ -531,11 +555,11 @@ def parse_experiment(raw: Any, *, path: Path, text: str = "") -> Experiment:
     )
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read, validate and expand the experiment file at ``path``."""
+def load_experiment(path: str | Path, *, data_root: Path | None = None) -> Experiment:
+    """Read, validate and expand the experiment file at ``path`` (see :func:`parse_experiment`)."""
     path = Path(path)
     raw, text = _read_yaml(path, "experiment file")
-    return parse_experiment(raw, path=path, text=text)
+    return parse_experiment(raw, path=path, text=text, data_root=data_root)
 
 
 def is_experiment_file(path: str | Path) -> bool:

@@ -1,0 +1,540 @@
+"""Continual-learning experiments end to end on the tiny random model: chaining of stages, the
+results files, ``--parallel``, resume after ``kill -9``, and the experiment file's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sdft.checkpoints import read_checkpoints
+from sdft.continual import ExperimentError, load_experiment, run_experiment
+from sdft.continual.report import Stat, build_table, exceeds_spread, reading
+from sdft.continual.runner import ExperimentRunner
+from sdft.runlog import RunLog
+
+TINY = "sdft/tiny-random"
+CAPITALS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Italy?", "Rome"),
+]
+COLOURS = [
+    ("What colour is the sky?", "Blue"),
+    ("What colour is grass?", "Green"),
+    ("What colour is snow?", "White"),
+]
+
+
+def write_experiment(
+    root: Path, *, max_steps: int = 2, extra: dict[str, Any] | None = None
+) -> Path:
+    """2 stages (capitals, colours) × methods sft and sdft × lr 1e-3, 1e-2 × seeds 0, 1 on the tiny
+    model (LoRA rank 4); stage benchmarks b1, b2 and a drift benchmark scored after every stage."""
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("s1.jsonl", CAPITALS), ("s2.jsonl", COLOURS)):
+        (data / name).write_text(
+            "".join(
+                json.dumps({"inputs": {"question": q}, "expected": f"It is {a}."}) + "\n"
+                for q, a in rows
+            )
+        )
+    for name, rows in (("b1", CAPITALS[:2]), ("b2", COLOURS[:2])):
+        (data / name).mkdir(exist_ok=True)
+        (data / name / "tasks.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "task_id": f"{name}_{i}",
+                        "instruction": q,
+                        "verifier": {"kind": "in_process", "fn_name": "contains", "expected": a},
+                    }
+                )
+                + "\n"
+                for i, (q, a) in enumerate(rows)
+            )
+        )
+    (data / "drift.jsonl").write_text(
+        json.dumps({"prompt": "Tell me a joke."}) + "\n" + json.dumps({"prompt": "Name a fruit."})
+    )
+    base = {
+        "model": {"name": TINY},
+        "backend": {"kind": "local", "device": "cpu"},
+        "algorithm": {
+            "kind": "sdft",
+            "params": {
+                "learning_rate": 1e-3,
+                "max_steps": 3,
+                "batch_size": 2,
+                "lora_rank": 4,
+                "topk": 5,
+                "skip_first_n": 1,
+                "max_tokens": 6,
+                "max_context_length": 256,
+                "save_every": 1,
+            },
+        },
+        "data": {"path": "data/s1.jsonl"},
+        "output_dir": "unused",
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    experiment = {
+        "base_config": "base.yaml",
+        "output_dir": "out",
+        "methods": [{"name": "sft", "overrides": {"algorithm.kind": "sft"}}, {"name": "sdft"}],
+        "learning_rates": [1e-3, 1e-2],
+        "seeds": [0, 1],
+        "stages": [
+            {
+                "name": "capitals",
+                "data": {"path": "data/s1.jsonl"},
+                "max_steps": max_steps,
+                "benchmarks": [{"name": "b1", "path": "data/b1"}],
+            },
+            {
+                "name": "colours",
+                "data": {"path": "data/s2.jsonl"},
+                "max_steps": max_steps,
+                "benchmarks": [{"name": "b2", "path": "data/b2"}],
+            },
+        ],
+        "benchmarks": [
+            {
+                "name": "drift",
+                "kind": "drift",
+                "path": "data/drift.jsonl",
+                "max_tokens": 4,
+                "metrics": ["kl", "kl_full"],
+            }
+        ],
+    }
+    experiment.update(extra or {})
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
+class RecordingService:
+    """Records which checkpoints new training clients and samplers were created from."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.from_state: list[str] = []
+        self.samplers: list[str | None] = []
+
+    def create_training_client_from_state(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        self.from_state.append(path)
+        return self.inner.create_training_client_from_state(path, *args, **kwargs)
+
+    def create_sampling_client(self, model_path: str | None = None, **kwargs: Any) -> Any:
+        self.samplers.append(model_path)
+        return self.inner.create_sampling_client(model_path=model_path, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The 2-stage × 2-method × 2-lr × 2-seed experiment, run once with ``parallel=2``."""
+    from sdft.backends.local import LocalServiceClient
+
+    root = tmp_path_factory.mktemp("continual")
+    experiment = load_experiment(write_experiment(root))
+    service = RecordingService(
+        LocalServiceClient(
+            checkpoint_root=experiment.output_dir / "checkpoints", device="cpu", dtype="float32"
+        )
+    )
+    log: list[str] = []
+    started = time.perf_counter()
+    result = run_experiment(experiment, parallel=2, service_client=service, log=log.append)
+    return {
+        "experiment": experiment,
+        "result": result,
+        "service": service,
+        "log": log,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def results(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+
+
+def result_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        row["method"],
+        row["learning_rate"],
+        row["seed"],
+        row["stage"],
+        row["benchmark"],
+        row["metric"],
+    )
+
+
+def test_stage_two_starts_from_stage_one_of_the_same_chain(finished: dict[str, Any]) -> None:
+    experiment = finished["experiment"]
+    service = finished["service"]
+    assert len(experiment.chains) == 8
+    expected_states, expected_teachers = [], []
+    for chain in experiment.chains:
+        first, second = experiment.stage_runs(chain)
+        final = read_checkpoints(first.output_dir)[-1]
+        assert final.step == 2 and final.final
+        start = json.loads((second.output_dir / "start.json").read_text())
+        assert start == {
+            "stage": 2,
+            "from": "checkpoint",
+            "state_path": final.state_path,
+            "sampler_path": final.sampler_path,
+            "teacher": final.sampler_path,
+        }
+        assert json.loads((first.output_dir / "start.json").read_text())["from"] == "base"
+        expected_states.append(final.state_path)
+        if chain.method == "sdft":
+            expected_teachers.append(final.sampler_path)
+        # every chain's checkpoints are its own
+        assert final.state_path not in [
+            read_checkpoints(experiment.stage_runs(other)[0].output_dir)[-1].state_path
+            for other in experiment.chains
+            if other != chain
+        ]
+    # each stage 2 (8 of them) created its student from exactly its chain's stage-1 state
+    assert sorted(service.from_state) == sorted(expected_states)
+    # SDFT's stage-2 teacher is the stage-1 model of the chain (SFT has no teacher)
+    for path in expected_teachers:
+        assert service.samplers.count(path) >= 2  # the teacher, and the stage-1 scoring
+
+
+def test_results_jsonl_has_every_score_exactly_once(finished: dict[str, Any]) -> None:
+    experiment = finished["experiment"]
+    rows = results(experiment.output_dir)
+    keys = Counter(result_key(row) for row in rows)
+    assert set(keys.values()) == {1}
+    # base: b1, b2 pass@1 + drift kl, kl_full; then 8 chains × 2 stages × 4 values
+    assert len(rows) == 4 + 8 * 2 * 4
+    base = {(r["benchmark"], r["metric"]): r["value"] for r in rows if r["stage"] == 0}
+    assert base[("drift", "kl")] == 0.0 and base[("drift", "kl_full")] == 0.0
+    for row in rows:
+        scores = (
+            experiment.output_dir / "base"
+            if row["stage"] == 0
+            else experiment.runs[
+                (
+                    next(
+                        c
+                        for c in experiment.chains
+                        if (c.method, c.learning_rate, c.seed)
+                        == (row["method"], row["learning_rate"], row["seed"])
+                    ),
+                    row["stage"],
+                )
+            ].output_dir
+        )
+        stored = json.loads((scores / "scores.json").read_text())
+        assert stored["metrics"][row["benchmark"]][row["metric"]] == row["value"]
+
+
+def test_each_run_trained_its_steps_once(finished: dict[str, Any]) -> None:
+    experiment = finished["experiment"]
+    for run in experiment.runs.values():
+        steps = Counter(
+            row["step"] for row in RunLog(run.output_dir).read_metrics() if row["split"] == "train"
+        )
+        assert steps == Counter({1: 1, 2: 1})
+
+
+def test_parallel_runs_chains_concurrently(finished: dict[str, Any]) -> None:
+    log = finished["log"]
+    starts = [i for i, line in enumerate(log) if line.endswith(": training 2 steps")]
+    ends = [i for i, line in enumerate(log) if ": trained (" in line]
+    assert len(starts) == len(ends) == 16
+    # with parallel 2 the second chain starts before the first chain's first run has finished
+    assert starts[1] < ends[0]
+
+
+def test_results_md_tables_are_the_arithmetic_of_results_jsonl(finished: dict[str, Any]) -> None:
+    experiment = finished["experiment"]
+    rows = results(experiment.output_dir)
+    text = (experiment.output_dir / "results.md").read_text()
+    base_b2 = next(r["value"] for r in rows if r["stage"] == 0 and r["benchmark"] == "b2")
+    for method in ("sft", "sdft"):
+        for lr in (1e-3, 1e-2):
+            values = [
+                r["value"]
+                for r in rows
+                if (r["method"], r["learning_rate"], r["stage"], r["benchmark"], r["metric"])
+                == (method, lr, 2, "b2", "pass@1")
+            ]
+            drift = [
+                r["value"]
+                for r in rows
+                if (r["method"], r["learning_rate"], r["stage"], r["benchmark"], r["metric"])
+                == (method, lr, 2, "drift", "kl")
+            ]
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            cell = f"{mean:.3f} ± {std:.3f} ({mean - base_b2:+.3f})"
+            drift_cell = f"{statistics.fmean(drift):.3f} ± {statistics.stdev(drift):.3f}"
+            assert f"| {method} | {lr:g} | " in text
+            line = next(
+                ln
+                for ln in text.split("## Stage 2")[1].splitlines()
+                if ln.startswith(f"| {method} | {lr:g} | ")
+            )
+            assert line.split(" | ")[3] == cell
+            assert line.split(" | ")[4].rstrip(" |") == drift_cell
+    for name in ("tradeoff.png", "stages.png"):
+        assert (experiment.output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_of_a_finished_experiment_trains_nothing(finished: dict[str, Any]) -> None:
+    experiment = finished["experiment"]
+    before = (experiment.output_dir / "results.jsonl").read_text()
+    result = run_experiment(experiment, service_client=finished["service"], log=lambda _: None)
+    assert result.trained == [] and result.scored == []
+    assert len(result.skipped) == 17
+    assert (experiment.output_dir / "results.jsonl").read_text() == before
+
+
+# --- table arithmetic on hand-made rows ------------------------------------------------------
+
+
+def hand_rows() -> list[dict[str, Any]]:
+    def row(method, lr, seed, stage, benchmark, value):
+        return {
+            "method": method,
+            "learning_rate": lr,
+            "seed": seed,
+            "stage": stage,
+            "stage_name": f"s{stage}",
+            "benchmark": benchmark,
+            "metric": "pass@1",
+            "value": value,
+        }
+
+    rows = [row("base", None, None, 0, "a", 0.2), row("base", None, None, 0, "b", 0.5)]
+    values = {
+        # (method, stage, benchmark): per-seed values for seeds 0, 1, 2
+        ("sft", 1, "a"): [0.8, 0.9, 1.0],
+        ("sft", 2, "a"): [0.4, 0.45, 0.5],
+        ("sft", 1, "b"): [0.3, 0.3, 0.3],
+        ("sft", 2, "b"): [0.9, 0.9, 0.9],
+        ("sdft", 1, "a"): [0.6, 0.7, 0.8],
+        ("sdft", 2, "a"): [0.6, 0.7, 0.8],
+        ("sdft", 1, "b"): [0.5, 0.5, 0.5],
+        ("sdft", 2, "b"): [0.8, 0.9, 1.0],
+    }
+    for (method, stage, benchmark), seeds in values.items():
+        rows += [row(method, 5e-4, s, stage, benchmark, v) for s, v in enumerate(seeds)]
+    return rows
+
+
+def test_table_mean_std_delta_and_retention_are_exact() -> None:
+    table = build_table(hand_rows(), {"a": "pass@1", "b": "pass@1"}, ["s1", "s2"])
+    cell = table.cell("sft", 5e-4, 1, "a")
+    assert cell is not None and cell.mean == pytest.approx(0.9, abs=1e-15)
+    assert cell.std == pytest.approx(0.1, abs=1e-15)
+    delta = table.delta("sft", 5e-4, 1, "a")
+    assert delta is not None and delta.mean == pytest.approx(0.7, abs=1e-15)
+    change = table.change("sft", 5e-4, 2, "b")
+    assert change is not None and change.values == pytest.approx((0.6, 0.6, 0.6))
+    kept = table.retention("sft", 5e-4, 2, 1, "a")
+    assert kept is not None and kept.values == pytest.approx((0.5, 0.5, 0.5))
+    kept = table.retention("sdft", 5e-4, 2, 1, "a")
+    assert kept is not None and kept.mean == pytest.approx(1.0) and kept.std == 0.0
+    # stage 1 score 0 makes retention undefined for that seed
+    rows = hand_rows()
+    for row in rows:
+        if (row["method"], row["stage"], row["benchmark"], row["seed"]) == ("sft", 1, "a", 0):
+            row["value"] = 0.0
+    table = build_table(rows, {"a": "pass@1", "b": "pass@1"}, ["s1", "s2"])
+    kept = table.retention("sft", 5e-4, 2, 1, "a")
+    assert kept is not None and kept.values == pytest.approx((0.45 / 0.9, 0.5))
+
+
+def test_reading_states_only_differences_beyond_the_seed_spread() -> None:
+    table = build_table(hand_rows(), {"a": "pass@1", "b": "pass@1"}, ["s1", "s2"])
+    assert exceeds_spread(Stat((0.8, 0.9, 1.0)), Stat((0.3, 0.3, 0.3)))
+    assert not exceeds_spread(Stat((0.8, 0.9, 1.0)), Stat((0.6, 0.7, 0.8)))  # 0.2 = 0.1 + 0.1
+    assert not exceeds_spread(Stat((0.9,)), Stat((0.1,)))  # one seed: no spread known
+    text = reading(table, ["s1", "s2"])
+    assert text.startswith("Of 4 method-vs-method comparisons")
+    assert "2 differ by more than the seed spread" in text
+    assert "after stage 1 (s1) at lr 0.0005, b is 0.200 higher with sdft than with sft" in text
+    assert "after stage 2 (s2) at lr 0.0005, a is 0.250 higher with sdft than with sft" in text
+    one_seed = [r for r in hand_rows() if r["seed"] in (None, 0)]
+    assert reading(build_table(one_seed, {"a": "pass@1"}, ["s1", "s2"]), ["s1", "s2"]).startswith(
+        "With one seed per cell"
+    )
+
+
+# --- resume after kill -9 ----------------------------------------------------------------------
+
+
+def _interrupted_run(output_dir: Path, max_steps: int) -> Path | None:
+    """A run directory whose training has a checkpoint but has not finished."""
+    for index in sorted(output_dir.glob("runs/*/*/*/stage*/checkpoints.jsonl")):
+        records = read_checkpoints(index.parent)
+        if records and records[-1].step < max_steps:
+            return index.parent
+    return None
+
+
+def test_kill_9_mid_experiment_then_resume_counts_each_run_once(tmp_path: Path) -> None:
+    path = write_experiment(
+        tmp_path, max_steps=3, extra={"methods": [{"name": "sdft"}], "learning_rates": [1e-2]}
+    )
+    experiment = load_experiment(path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdft.cli", "continual", str(path), "--parallel", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    interrupted = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            scored = list(experiment.output_dir.glob("runs/*/*/*/stage*/scores.json"))
+            interrupted = _interrupted_run(experiment.output_dir, 3)
+            if scored and interrupted is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read() if process.stderr else ""
+    assert interrupted is not None
+    done_before = {
+        run.label for run in experiment.runs.values() if (run.output_dir / "scores.json").exists()
+    }
+    assert done_before
+
+    result = run_experiment(experiment, parallel=2, log=lambda _: None)
+    assert set(result.skipped) >= done_before
+    assert not set(result.trained) & done_before
+    rows = results(experiment.output_dir)
+    assert set(Counter(result_key(row) for row in rows).values()) == {1}
+    assert len(rows) == 4 + 2 * 2 * 4
+    for run in experiment.runs.values():
+        steps = Counter(
+            row["step"] for row in RunLog(run.output_dir).read_metrics() if row["split"] == "train"
+        )
+        assert steps == Counter({1: 1, 2: 1, 3: 1}), run.label
+        assert [r.step for r in read_checkpoints(run.output_dir)][-1] == 3
+
+
+# --- the experiment file's errors --------------------------------------------------------------
+
+
+def test_bad_experiment_files_answer_file_line_key_message(tmp_path: Path) -> None:
+    write_experiment(tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "base_config: base.yaml\n"  # 1
+        "methods:\n"  # 2
+        "  - name: sft\n"  # 3
+        "    overrides:\n"  # 4
+        "      algorithm.kind: sft\n"  # 5
+        "  - name: sdft\n"  # 6
+        "    overrides:\n"  # 7
+        "      algorithm.params.topk: -1\n"  # 8
+        "learning_rates: [1.0e-3]\n"  # 9
+        "stages:\n"  # 10
+        "  - name: one\n"  # 11
+        "    data: {path: data/s1.jsonl}\n"  # 12
+        "    max_steps: 2\n"  # 13
+    )
+    with pytest.raises(ExperimentError) as caught:
+        load_experiment(path)
+    assert str(caught.value) == (
+        f"{path}:8: methods[1].overrides.algorithm.params.topk: must be greater than or equal to 0"
+    )
+
+    path.write_text(
+        "base_config: base.yaml\n"
+        "methods: [{name: sdft, overrides: {algorithm: {params: {topkk: 3}}}}]\n"
+        "learning_rates: [1.0e-3, -2]\n"
+        "stages: [{name: one, data: {path: data/s1.jsonl}, max_steps: 2}]\n"
+        "seeds: [0, 0]\n"
+        "stage: 1\n"
+    )
+    with pytest.raises(ExperimentError) as caught:
+        load_experiment(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{path}:3: learning_rates[1]: must be greater than 0"
+    assert lines[1] == f"{path}:5: seeds: seed 0 is listed twice"
+    assert lines[2].startswith(f"{path}:6: stage: unknown key (allowed: base_config, benchmarks,")
+
+    path.write_text(
+        "base_config: base.yaml\n"
+        "methods: [{name: sdft, overrides: {algorithm: {params: {topkk: 3}}}}]\n"
+        "learning_rates: [1.0e-3]\n"
+        "stages:\n"
+        "  - name: one\n"
+        "    data: {path: data/s1.jsonl, source_kind: csv}\n"
+        "    max_steps: 2\n"
+    )
+    with pytest.raises(ExperimentError) as caught:
+        load_experiment(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith(
+        f"{path}:2: methods[0].overrides.algorithm.params.topkk: unknown key (allowed: "
+    )
+    assert lines[1].startswith(f"{path}:6: stages[0].data.source_kind: must be one of ")
+
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text().replace("lora_rank: 4", "lora_rank: -4"))
+    path.write_text(
+        "base_config: base.yaml\n"
+        "methods: [{name: sdft}]\n"
+        "learning_rates: [1.0e-3]\n"
+        "stages: [{name: one, data: {path: data/s1.jsonl}, max_steps: 2}]\n"
+    )
+    line = next(
+        number
+        for number, text in enumerate(base.read_text().splitlines(), start=1)
+        if "lora_rank" in text
+    )
+    with pytest.raises(ExperimentError) as caught:
+        load_experiment(path)
+    assert str(caught.value) == (
+        f"{base}:{line}: algorithm.params.lora_rank: must be greater than or equal to 0"
+    )
+
+
+def test_validate_checks_an_experiment_without_training(tmp_path: Path, capsys: Any) -> None:
+    from sdft.cli import main
+
+    path = write_experiment(tmp_path)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[ok  ] experiment           2 methods × 2 learning rates × 2 seeds = 8 chains" in out
+    assert "[ok  ] stage 2 data         colours: 3 examples (jsonl)" in out
+    assert "[ok  ] benchmark drift      drift, 2 prompts, kl, kl_full" in out
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "data" / "b2" / "tasks.jsonl").write_text('{"task_id": "x"}\n')
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"[FAIL] benchmark b2         {tmp_path / 'data' / 'b2' / 'tasks.jsonl'}:1: " in out
+
+
+def test_runner_rejects_parallel_below_one(tmp_path: Path) -> None:
+    experiment = load_experiment(write_experiment(tmp_path))
+    with pytest.raises(ValueError, match="--parallel must be >= 1, got 0"):
+        ExperimentRunner(experiment, parallel=0)
