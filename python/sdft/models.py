@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sdft._atomic import atomic_directory, write_json
+from sdft.console import third_party_output_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -304,12 +305,14 @@ def _ensure_gguf_converted(gguf: Path, cache_name: str) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
+        # transformers' de-quantization progress bar ignores its progress-bar switch.
+        with third_party_output_hidden():
+            tokenizer = AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
         _save_plain_model(model, directory)
         tokenizer.save_pretrained(directory)
 
@@ -354,9 +357,10 @@ def _tokenizer_source_for_tiny() -> Path:
     def convert(directory: Path) -> None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
-        )
+        with third_party_output_hidden():
+            tokenizer = AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
         tokenizer.save_pretrained(directory)
 
     return _cached_directory(
