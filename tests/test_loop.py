@@ -18,8 +18,9 @@ from sdft.loop import (
     load_dataset,
     prepare_output_dir,
     split_evenly,
+    train,
 )
-from support import CAPITALS, TINY, recorded_run, rows_of, write_config
+from support import CAPITALS, TINY, local_service, recorded_run, rows_of, write_config
 
 # --- pure helpers -----------------------------------------------------------------------------
 
@@ -330,13 +331,17 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
 
 
 def test_nothing_is_trained_when_all_datums_are_empty(tmp_path: Path) -> None:
-    """skip_first_n beyond max_tokens: no position carries signal; the step still completes and
-    reports a null mean loss instead of dividing by zero."""
-    _, result = recorded_run(
+    """Completions no longer than skip_first_n (a model that stops early): no position carries
+    signal; the step still completes and reports a null mean loss instead of dividing by zero.
+    The config refuses skip_first_n >= max_tokens, so the run's params are set past that check
+    to make every completion that short."""
+    config = load_config(
         write_config(
-            tmp_path, params={"max_steps": 1, "skip_first_n": 50, "save_every": None}, benchmarks=[]
+            tmp_path, params={"max_steps": 1, "skip_first_n": 7, "save_every": None}, benchmarks=[]
         )
     )
+    config.algorithm.params.__dict__["skip_first_n"] = 50
+    result = train(config, service_client=local_service(config), progress=False)
     metrics = rows_of(tmp_path / "out")[0]["metrics"]
     assert metrics["train/distilled_tokens"] == 0
     assert metrics["train/mean_loss"] is None

@@ -3,8 +3,10 @@ step in metrics.jsonl — including a real ``kill -9`` of a training subprocess.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sdft.checkpoints import read_checkpoints
 from sdft.config import load_config
-from sdft.loop import train
+from sdft.loop import RunDirectoryError, learning_rate_at, prepare_output_dir, train
+from sdft.rundir import remove_outputs
 from sdft.runlog import RunLog
 from support import Recorder, RecordingService, RecordingTrainer, local_service, write_config
 
@@ -210,3 +214,203 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     assert records[-1].step == max_steps and records[-1].final
     assert [r.step for r in records] == sorted({r.step for r in records})
     assert "- Status: **completed**" in (out / "summary.md").read_text()
+
+
+# --- the run directory: overwrite, resume rules (issue 10) -----------------------------------
+
+
+def _with_run_outputs(config) -> Path:
+    """``output_dir`` holding what a run writes (without training)."""
+    prepare_output_dir(config, resume=False, overwrite=False)
+    out = config.output_dir
+    (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "metrics": {}}\n')
+    (out / "summary.md").write_text("old summary")
+    (out / "plot.png").write_bytes(b"png")
+    (out / "predictions").mkdir()
+    (out / "predictions" / "val.jsonl").write_text("{}\n")
+    (out / "checkpoints.jsonl").write_text("")
+    return out
+
+
+def _with_checkpoint_root(config_path: Path, root: str) -> Path:
+    raw = yaml.safe_load(config_path.read_text())
+    raw["backend"]["checkpoint_root"] = root
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config_path
+
+
+def test_overwrite_keeps_a_symlinked_checkpoints_dir_and_everything_behind_it(
+    tmp_path: Path,
+) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    out = _with_run_outputs(config)
+    elsewhere = tmp_path / "big-disk"
+    (elsewhere / "000001").mkdir(parents=True)
+    (elsewhere / "000001" / "weights.bin").write_bytes(b"weights")
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    prepare_output_dir(config, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.resolved.yaml"]
+    assert (out / "checkpoints").is_symlink()
+    assert (elsewhere / "000001" / "weights.bin").read_bytes() == b"weights"
+
+
+def test_overwrite_leaves_output_dir_checkpoints_when_the_checkpoint_root_is_elsewhere(
+    tmp_path: Path,
+) -> None:
+    config = load_config(
+        _with_checkpoint_root(
+            write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]), "shared-root"
+        )
+    )
+    out = _with_run_outputs(config)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "notes.txt").write_text("not this run's")
+    prepare_output_dir(config, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.resolved.yaml"]
+    assert (out / "checkpoints" / "notes.txt").read_text() == "not this run's"
+
+
+def test_overwrite_removes_the_eval_results_of_the_deleted_run(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    out = _with_run_outputs(config)
+    (out / "eval" / "000001" / "predictions").mkdir(parents=True)
+    (out / "eval" / "000001" / "metrics.jsonl").write_text("")
+    prepare_output_dir(config, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml"]
+
+
+def test_overwrite_that_cannot_remove_an_entry_deletes_nothing(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    out = _with_run_outputs(config)
+    before = sorted(p.name for p in out.iterdir())
+    missing = out / "gone.jsonl"
+    with pytest.raises(
+        RunDirectoryError, match=r"gone.jsonl for --overwrite .*nothing was deleted"
+    ):
+        remove_outputs(out, [out / "metrics.jsonl", out / "summary.md", missing])
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "summary.md").read_text() == "old summary"
+
+
+def test_resume_without_the_resolved_config_is_refused(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    out = _with_run_outputs(config)
+    (out / "config.resolved.yaml").unlink()
+    changed = load_config(
+        write_config(tmp_path, params={"max_steps": 1, "learning_rate": 0.5}, benchmarks=[])
+    )
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"cannot resume .*: config.resolved.yaml is missing, so the config the run started "
+        r"with cannot be compared with this one",
+    ):
+        prepare_output_dir(changed, resume=True, overwrite=False)
+    assert (out / "metrics.jsonl").read_text() != ""
+
+
+def test_resume_refuses_to_rebase_a_decaying_lr_schedule(tmp_path: Path) -> None:
+    """The schedule spans the max_steps a run started with: extending a linear schedule on resume
+    would make the learning rate jump up, so only a constant schedule may change max_steps."""
+    params = {"max_steps": 4, "lr_schedule": "linear", "learning_rate": 1.0}
+    config = load_config(write_config(tmp_path, params=params, benchmarks=[]))
+    prepare_output_dir(config, resume=False, overwrite=False)
+    assert learning_rate_at(config, 4) == 0.25
+    config.algorithm.params.max_steps = 6
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"with max_steps 6: lr_schedule linear decays over the max_steps the run started "
+        r"with \(4\), and changing it would re-base the learning rate mid-run; keep max_steps 4",
+    ):
+        prepare_output_dir(config, resume=True, overwrite=False)
+    config.algorithm.params.max_steps = 4
+    assert prepare_output_dir(config, resume=True, overwrite=False) is None
+    constant = load_config(write_config(tmp_path, params={"max_steps": 6}, benchmarks=[]))
+    with pytest.raises(RunDirectoryError, match=r"the config changed .*lr_schedule"):
+        prepare_output_dir(constant, resume=True, overwrite=False)
+
+
+def test_a_failed_data_load_leaves_no_run_directory(tmp_path: Path) -> None:
+    path = write_config(tmp_path, params={"max_steps": 1, "save_every": None}, benchmarks=[])
+    good = (tmp_path / "data" / "train.jsonl").read_text()
+    (tmp_path / "data" / "train.jsonl").write_text('{"inputs": {"question": "q"}}\n')
+    config = load_config(path)
+    with pytest.raises(ValueError, match=r"train\.jsonl:1"):
+        train(config, service_client=local_service(config), progress=False)
+    assert not config.output_dir.exists()
+    (tmp_path / "data" / "train.jsonl").write_text(good)
+    result = train(config, service_client=local_service(config), progress=False)
+    assert result.status == "completed" and result.steps_completed == 1
+
+
+def test_resume_refuses_a_foreign_checkpoint(tmp_path: Path) -> None:
+    """checkpoints.jsonl names a checkpoint of another run (LoRA rank 8) while the run's config
+    says rank 4: resuming must refuse instead of training the foreign weights."""
+    configs = {}
+    for name, rank in (("a", 8), ("b", 4)):
+        path = write_config(
+            tmp_path,
+            params={"max_steps": 1, "save_every": 1, "lora_rank": rank},
+            benchmarks=[],
+            name=f"{name}.yaml",
+            output_dir=name,
+        )
+        configs[name] = load_config(_with_checkpoint_root(path, "shared-root"))
+        train(configs[name], service_client=local_service(configs[name]), progress=False)
+    foreign = read_checkpoints(tmp_path / "a")[-1].state_path
+    index = tmp_path / "b" / "checkpoints.jsonl"
+    row = json.loads(index.read_text())
+    row["state_path"] = foreign
+    index.write_text(json.dumps(row) + "\n")
+    summary = (tmp_path / "b" / "summary.md").read_text()
+    config = configs["b"]
+    config.algorithm.params.max_steps = 2
+    with pytest.raises(
+        RunDirectoryError,
+        match=rf"cannot resume .* from checkpoint 000001 \({re.escape(foreign)}\): its LoRA rank is 8, "
+        "the config says 4",
+    ):
+        train(config, resume=True, service_client=local_service(config), progress=False)
+    assert (tmp_path / "b" / "summary.md").read_text() == summary
+
+
+def test_a_torn_checkpoint_row_is_replaced_by_the_next_one(tmp_path: Path) -> None:
+    config = load_config(
+        write_config(tmp_path, params={"max_steps": 3, "save_every": 1}, benchmarks=[])
+    )
+    train(config, service_client=local_service(config), progress=False)
+    index = config.output_dir / "checkpoints.jsonl"
+    lines = index.read_bytes().splitlines(keepends=True)
+    index.write_bytes(b"".join(lines[:-1]) + lines[-1][:40])  # a kill in the middle of a write
+    assert [r.step for r in read_checkpoints(config.output_dir)] == [1, 2]
+    first = train(config, resume=True, service_client=local_service(config), progress=False)
+    second = train(config, resume=True, service_client=local_service(config), progress=False)
+    assert first.steps_completed == second.steps_completed == 3
+    assert [r.step for r in read_checkpoints(config.output_dir)] == [1, 2, 3]
+    assert all(json.loads(line) for line in index.read_text().splitlines())
+    assert_each_step_once(config.output_dir, 3, [])
+
+
+def test_sigterm_ends_the_run_as_interrupted_and_resume_continues(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, params={"max_steps": 6, "save_every": 2}, benchmarks=[])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sdft.cli", "train", str(config_path), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for_train_step(out, 3, process, timeout=240)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.endswith("sdft: interrupted\n")
+    assert "- Status: **interrupted**" in (out / "summary.md").read_text()
+    steps = [r.step for r in read_checkpoints(out)]
+    assert steps and steps == sorted(set(steps)) and steps[-1] >= 2
+    config = load_config(config_path)
+    result = train(config, resume=True, service_client=local_service(config), progress=False)
+    assert result.status == "completed" and result.steps_completed == 6
+    assert_each_step_once(out, 6, [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,11 +47,24 @@ def test_metrics_rows_append_and_read_back(tmp_path: Path) -> None:
     }
 
 
-def test_non_finite_values_are_written_as_null(tmp_path: Path) -> None:
+def test_non_finite_values_round_trip_instead_of_turning_into_null(tmp_path: Path) -> None:
+    """A diverged step must stay visible in the log (issue 10 #6: NaN used to become null)."""
     log = RunLog(tmp_path)
-    log.log_metrics(3, "train", {"train/mean_loss": float("nan"), "x": float("inf")})
-    assert log.read_metrics() == [
-        {"step": 3, "split": "train", "metrics": {"train/mean_loss": None, "x": None}}
+    log.log_metrics(3, "train", {"train/mean_loss": float("nan"), "x": float("inf"), "y": None})
+    log.log_metrics(4, "train", {"x": float("-inf")})
+    assert json.loads(log.metrics_path.read_text().splitlines()[0]) == {
+        "step": 3,
+        "split": "train",
+        "metrics": {"train/mean_loss": "NaN", "x": "Infinity", "y": None},
+    }
+    first, second = log.read_metrics()
+    assert math.isnan(first["metrics"]["train/mean_loss"])
+    assert first["metrics"]["x"] == math.inf and first["metrics"]["y"] is None
+    assert second["metrics"] == {"x": -math.inf}
+    log.keep_steps_up_to(3)
+    assert log.metrics_path.read_text().splitlines() == [
+        '{"step": 3, "split": "train", "metrics": {"train/mean_loss": "NaN", "x": "Infinity", '
+        '"y": null}}'
     ]
 
 

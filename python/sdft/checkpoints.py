@@ -18,6 +18,9 @@ from typing import Any
 
 from sdft import _atomic
 from sdft.runfiles import CHECKPOINT_INDEX_NAME as INDEX_NAME
+from sdft.runfiles import is_plain_name
+
+TEACHER_PATH_KEY = "teacher_path"
 
 _KNOWN_KEYS = {"name", "batch", "step", "state_path", "sampler_path", "final"}
 
@@ -45,6 +48,15 @@ class CheckpointRecord:
     def from_row(cls, row: dict[str, Any], where: str) -> CheckpointRecord:
         if not isinstance(row.get("name"), str):
             raise ValueError(f"{where}: checkpoint row has no string 'name'")
+        if not is_plain_name(row["name"]):
+            # The name becomes a path (``eval/<name>``): never let it leave the run directory.
+            raise ValueError(
+                f"{where}: checkpoint name {row['name']!r} is not a plain name (letters, digits, "
+                "'.', '_', '-'; no '/' or leading '.')"
+            )
+        for key in ("state_path", "sampler_path", TEACHER_PATH_KEY):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise ValueError(f"{where}: checkpoint {key} must be a string, got {row[key]!r}")
         step = row.get("step", row.get("batch"))
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"{where}: checkpoint row needs a non-negative integer 'batch'")
@@ -67,7 +79,7 @@ def read_checkpoints(output_dir: str | Path) -> list[CheckpointRecord]:
     path = index_path(output_dir)
     return [
         CheckpointRecord.from_row(row, f"{path}:{number}")
-        for number, row in enumerate(_atomic.read_jsonl(path), start=1)
+        for number, row in _atomic.read_jsonl_lines(path)
     ]
 
 

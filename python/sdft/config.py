@@ -232,6 +232,23 @@ class BenchmarkSection(_Strict):
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
     limit: Annotated[int, Field(ge=1, le=MAX_TASKS)] | None = None
+    # Prompt rendering like training (algorithm.params.user_template) unless overridden here.
+    user_template: str | None = None
+    # Verifiers score the text after the last occurrence of this marker (a thinking model's final
+    # answer) when the response contains it; null scores the whole response.
+    answer_after: str | None = "</think>"
+
+    @field_validator("user_template")
+    @classmethod
+    def _user_template(cls, value: str | None) -> str | None:
+        return None if value is None else _check_template(value, {"question"}, {"question"})
+
+    @field_validator("answer_after")
+    @classmethod
+    def _answer_after(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("must be a non-empty marker such as '</think>', or null")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -1,21 +1,51 @@
 """Evaluation: benchmarks scored in the training loop, and ``sdft eval`` of the base model or a
-checkpoint of a run."""
+checkpoint of a run.
+
+Benchmarks see the prompt the student trains on: the instruction goes through the student's
+``user_template`` (or the benchmark's own), ``system_prompt``, chat template and
+``enable_thinking``. Verifiers score the final answer: the text after the last ``answer_after``
+marker (``</think>`` by default) when the response has one; predictions keep the whole response.
+
+``sdft eval`` writes into ``output_dir/eval/<label>`` or ``--output``. It replaces only what an
+evaluation wrote there (marked by ``evaluation.json``) and refuses a directory that holds a
+training run or files of unknown origin.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdft import _atomic
 from sdft import checkpoints as ckpt
 from sdft.clients import build_service_client, resolve, sampling_seed
-from sdft.config import Config
-from sdft.evals import Benchmark, load_benchmark, run_benchmark
+from sdft.config import BenchmarkSection, Config
+from sdft.evals import Benchmark, BenchmarkTask, load_benchmark, run_benchmark
 from sdft.metricrows import benchmark_metric_key
 from sdft.progress import Progress, announce
+from sdft.rundir import check_run_path
+from sdft.runfiles import (
+    CHECKPOINT_INDEX_NAME,
+    CHECKPOINTS_DIR,
+    EVAL_DIR,
+    EVALUATION_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    PREDICTIONS_DIR,
+    RESOLVED_CONFIG_NAME,
+    SUMMARY_NAME,
+    confined,
+)
 from sdft.runlog import RunLog
+
+
+class EvaluationOutputError(ValueError):
+    """The evaluation's output directory holds files that no evaluation wrote."""
 
 
 @dataclass
@@ -31,6 +61,40 @@ def load_benchmarks(config: Config) -> dict[str, Benchmark]:
         entry.name: load_benchmark(entry.path, name=entry.name)
         for entry in config.metadata.benchmark
     }
+
+
+def final_answer(response: str, marker: str | None) -> str:
+    """The text after the last ``marker`` when ``response`` contains it, else ``response``."""
+    if marker is None or marker not in response:
+        return response
+    return response.rsplit(marker, 1)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class FinalAnswerTask(BenchmarkTask):
+    """A task whose verifier sees only the final answer of the response (see :func:`final_answer`)."""
+
+    answer_after: str | None = None
+
+    def verify(self, response: str) -> bool:
+        return BenchmarkTask.verify(self, final_answer(response, self.answer_after))
+
+    def score(self, response: str) -> tuple[bool, str | None]:
+        return BenchmarkTask.score(self, final_answer(response, self.answer_after))
+
+
+def scored_on_final_answers(benchmark: Benchmark, entry: BenchmarkSection) -> Benchmark:
+    """``benchmark`` with every task verifying the text after ``entry.answer_after``."""
+    if entry.answer_after is None:
+        return benchmark
+    tasks = tuple(
+        FinalAnswerTask(
+            **{f.name: getattr(task, f.name) for f in dataclasses.fields(task)},
+            answer_after=entry.answer_after,
+        )
+        for task in benchmark.tasks
+    )
+    return dataclasses.replace(benchmark, tasks=tasks)
 
 
 def due_benchmarks(config: Config, step: int) -> list[str]:
@@ -58,15 +122,16 @@ async def evaluate(
     runlog: RunLog,
     progress: bool,
     log_rows: bool = True,
-) -> dict[str, float]:
+) -> list[tuple[str, dict[str, float]]]:
     """Score the benchmarks ``names`` with ``sampling_client``; write predictions and (when
-    ``log_rows``) one metrics row per benchmark at ``step``. Returns ``{metric key: value}``."""
+    ``log_rows``) one metrics row per benchmark at ``step``. Returns the rows as
+    ``[(split, {metric key: value}), ...]``, one per benchmark."""
     entries = {entry.name: entry for entry in config.metadata.benchmark}
     params = config.params
-    results: dict[str, float] = {}
+    rows: list[tuple[str, dict[str, float]]] = []
     for name in names:
         entry = entries[name]
-        benchmark = benchmarks[name]
+        benchmark = scored_on_final_answers(benchmarks[name], entry)
         total = len(benchmark) if entry.limit is None else min(entry.limit, len(benchmark))
         # Without a terminal, one line per task would flood the log: the result line suffices.
         bar = Progress(total, f"eval {name} (step {step})", enabled=progress, lines=False)
@@ -80,6 +145,7 @@ async def evaluate(
             sampling_client,
             tokenizer,
             benchmark,
+            user_template=entry.user_template or params.user_template,
             system_prompt=params.system_prompt,
             max_tokens=entry.max_tokens or params.max_tokens,
             num_samples=num_samples,
@@ -101,8 +167,34 @@ async def evaluate(
         if progress:
             shown = ", ".join(f"{key} = {value:.3f}" for key, value in metrics.items())
             announce(f"step {step}: {shown}")
-        results.update(metrics)
-    return results
+        rows.append((entry.split, metrics))
+    return rows
+
+
+def _check_output(target: Path) -> None:
+    """Refuse an output directory that holds a training run or files no evaluation wrote."""
+    run_files = [
+        name
+        for name in (RESOLVED_CONFIG_NAME, CHECKPOINT_INDEX_NAME, CHECKPOINTS_DIR)
+        if os.path.lexists(target / name)
+    ]
+    if run_files:
+        raise EvaluationOutputError(
+            f"{target} holds a training run ({', '.join(run_files)}); an evaluation would "
+            "overwrite its metrics.jsonl and summary.md: choose another --output"
+        )
+    if (target / EVALUATION_NAME).is_file():
+        return
+    foreign = [
+        name
+        for name in (METRICS_NAME, SUMMARY_NAME, PLOT_NAME, PREDICTIONS_DIR)
+        if os.path.lexists(target / name)
+    ]
+    if foreign:
+        raise EvaluationOutputError(
+            f"{target} holds {', '.join(foreign)} that no evaluation wrote ({EVALUATION_NAME} is "
+            "missing); choose an empty directory or one an earlier `sdft eval` wrote"
+        )
 
 
 async def evaluate_async(
@@ -125,7 +217,10 @@ async def evaluate_async(
         if record is not None:
             if record.sampler_path is None:
                 raise ValueError(f"checkpoint {record.name} has no sampler_path")
-            label, model_path, step = record.name, record.sampler_path, record.step
+            model_path = check_run_path(
+                config, record.sampler_path, f"checkpoint {record.name}: sampler_path"
+            )
+            label, step = record.name, record.step
         else:
             label, model_path = _label_for(checkpoint), checkpoint
             if "://" not in checkpoint and not Path(checkpoint).exists():
@@ -133,6 +228,10 @@ async def evaluate_async(
                     f"checkpoint {checkpoint!r} is neither in {ckpt.index_path(config.output_dir)} "
                     "nor a saved sampler path"
                 )
+    target = (
+        output if output is not None else confined(config.output_dir / EVAL_DIR, label, "label")
+    )
+    _check_output(target)
     if service_client is None:
         service_client = build_service_client(config)
     if model_path is None:
@@ -140,11 +239,12 @@ async def evaluate_async(
     else:
         sampler = await resolve(service_client.create_sampling_client(model_path=model_path))
     tokenizer = sampler.get_tokenizer()
-    target = output or config.output_dir / "eval" / label
+    _atomic.write_json(
+        target / EVALUATION_NAME,
+        {"label": label, "step": step, "model": config.model.name, "checkpoint": model_path},
+    )
     runlog = RunLog(target)
-    if runlog.metrics_path.exists():
-        runlog.metrics_path.unlink()
-    results = await evaluate(
+    rows = await evaluate(
         config,
         benchmarks,
         [entry.name for entry in config.metadata.benchmark],
@@ -153,19 +253,23 @@ async def evaluate_async(
         step=step,
         runlog=runlog,
         progress=progress,
+        log_rows=False,
     )
+    runlog.write_metrics({"step": step, "split": split, "metrics": m} for split, m in rows)
     runlog.write_summary(
         status="completed",
         steps_completed=step,
         max_steps=config.params.max_steps,
         description=f"evaluation of {label} ({config.model.name}, backend {config.backend.kind})",
     )
+    results = {key: value for _, metrics in rows for key, value in metrics.items()}
     return EvalResult(label=label, step=step, output_dir=target, metrics=results)
 
 
 def _label_for(path: str) -> str:
-    name = path.rstrip("/").split("/")[-1] or "checkpoint"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    name = path.rstrip("/").split("/")[-1]
+    label = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)
+    return label.lstrip(".-")[:200] or "checkpoint"
 
 
 def evaluate_checkpoint(

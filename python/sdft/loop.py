@@ -28,7 +28,11 @@ after its last checkpoint and redoes those steps, so no step is lost or repeated
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tinker import types
@@ -50,9 +54,30 @@ from sdft.evaluation import (
 from sdft.objectives import Objective, Rollouts, objective_for, weighted_positions
 from sdft.optimizer import adam_params, learning_rate_at, split_evenly, train_pipelined
 from sdft.progress import Progress
-from sdft.rundir import RunDirectoryError, RunResult, prepare_output_dir, result_from_log
+from sdft.rundir import (
+    RunDirectoryError,
+    RunResult,
+    apply_plan,
+    check_checkpoint_matches,
+    plan_output_dir,
+    prepare_output_dir,
+    result_from_log,
+)
 from sdft.runlog import RunLog
 from sdft.teachers import TeacherPolicy, teacher_policy
+
+
+class DivergedError(RuntimeError):
+    """A training step produced a non-finite loss (the run stops unless ``allow_nan``)."""
+
+
+def check_finite_loss(step: int, metrics: dict[str, Any]) -> None:
+    loss = metrics.get("train/loss_sum")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise DivergedError(
+            f"step {step}: the loss is not finite (train/loss_sum = {loss}); the run stops here "
+            "(--allow-nan, or train(..., allow_nan=True), keeps training)"
+        )
 
 
 def load_dataset(config: Config) -> SimpleSDFTDataset:
@@ -71,8 +96,16 @@ def load_dataset(config: Config) -> SimpleSDFTDataset:
 class Trainer:
     """Runs one configured training job against a service client (local or Tinker)."""
 
-    def __init__(self, config: Config, service_client: Any, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        service_client: Any,
+        *,
+        progress: bool = True,
+        allow_nan: bool = False,
+    ) -> None:
         self.config = config
+        self.allow_nan = allow_nan
         self.params = config.params
         self.service = service_client
         self.progress = progress
@@ -101,7 +134,7 @@ class Trainer:
             f"backend {config.backend.kind}"
         )
 
-    async def _create_training_client(self, record: ckpt.CheckpointRecord | None) -> Any:
+    async def create_training_client(self, record: ckpt.CheckpointRecord | None) -> Any:
         params, name = self.params, self.config.model.name
         if record is not None:
             return await resolve(
@@ -323,14 +356,19 @@ class Trainer:
         )
         self.runlog.write_plot(title=self.description())
 
-    async def run(self, resume_from: ckpt.CheckpointRecord | None) -> RunResult:
-        """sample → score → objective → teacher update → log → evaluate → checkpoint, per step."""
+    async def run(
+        self, resume_from: ckpt.CheckpointRecord | None, training_client: Any = None
+    ) -> RunResult:
+        """sample → score → objective → teacher update → log → evaluate → checkpoint, per step.
+
+        ``training_client``: one already created from ``resume_from`` (default: created here)."""
         config = self.config
         sdft = config.algorithm.kind == "sdft"
-        self.dataset = load_dataset(config)
-        self.benchmarks = load_benchmarks(config)
+        if self.dataset is None:
+            self.dataset = load_dataset(config)
+            self.benchmarks = load_benchmarks(config)
         self.step = resume_from.step if resume_from is not None else 0
-        self.training_client = await self._create_training_client(resume_from)
+        self.training_client = training_client or await self.create_training_client(resume_from)
         self.tokenizer = self.training_client.get_tokenizer()
         if sdft:
             self.teacher = teacher_policy(self.params.teacher, self.service, config.model.name)
@@ -356,6 +394,8 @@ class Trainer:
                     await self.teacher.after_step(step, self.training_client)
                 metrics["time/refresh_s"] = time.perf_counter() - refresh_started
                 self.runlog.log_metrics(step, "train", metrics)
+                if not self.allow_nan:
+                    check_finite_loss(step, metrics)
                 loss = metrics.get("train/mean_loss")
                 bar.update(1, loss=f"{loss:.4f}" if isinstance(loss, float) else "n/a")
                 await self._evaluate(step)
@@ -379,6 +419,30 @@ class Trainer:
 # --- entry points -----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _sigterm_cancels(task: asyncio.Task[Any] | None) -> Iterator[list[bool]]:
+    """While active, SIGTERM cancels ``task`` (like Ctrl-C); the yielded list records whether it
+    came. Outside the main thread (no signal handlers there) this does nothing."""
+    received: list[bool] = []
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm() -> None:
+        received.append(True)
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):
+        installed = False
+    try:
+        yield received
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def train_async(
     config: Config,
     *,
@@ -386,26 +450,40 @@ async def train_async(
     overwrite: bool = False,
     service_client: Any = None,
     progress: bool = True,
+    allow_nan: bool = False,
 ) -> RunResult:
     """Run (or resume) the training job ``config`` describes; see :func:`train`."""
     if service_client is None:
         # First, so that a missing key or an unreachable service fails before anything is written.
         service_client = build_service_client(config)
-    record = prepare_output_dir(config, resume=resume, overwrite=overwrite)
+    trainer = Trainer(config, service_client, progress=progress, allow_nan=allow_nan)
+    # The data and benchmarks load before output_dir is touched: a bad file leaves no run behind.
+    trainer.dataset = load_dataset(config)
+    trainer.benchmarks = load_benchmarks(config)
+    plan = plan_output_dir(config, resume=resume, overwrite=overwrite)
+    record = plan.resume_from
     if record is not None and record.step >= config.params.max_steps:
-        trainer = Trainer(config, service_client, progress=progress)
+        apply_plan(plan)
         trainer.step = record.step
         trainer.write_reports("completed")
         return result_from_log(config, "completed", record.step)
-    trainer = Trainer(config, service_client, progress=progress)
-    try:
-        return await trainer.run(record)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        trainer.write_reports("interrupted")
-        raise
-    except Exception as exc:
-        trainer.write_reports("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    training_client = None
+    if record is not None:
+        training_client = await trainer.create_training_client(record)
+        info_call = getattr(training_client, "get_info_async", None) or training_client.get_info
+        check_checkpoint_matches(config, await resolve(info_call()), record)
+    apply_plan(plan)
+    with _sigterm_cancels(asyncio.current_task()) as terminated:
+        try:
+            return await trainer.run(record, training_client)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            trainer.write_reports("interrupted")
+            if terminated:
+                raise KeyboardInterrupt("terminated by SIGTERM") from None
+            raise
+        except Exception as exc:
+            trainer.write_reports("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def train(
@@ -415,11 +493,14 @@ def train(
     overwrite: bool = False,
     service_client: Any = None,
     progress: bool = True,
+    allow_nan: bool = False,
 ) -> RunResult:
     """Train as configured, writing every output into ``config.output_dir``.
 
     ``resume`` continues from the last checkpoint in ``output_dir``; ``overwrite`` replaces an
-    existing run; ``service_client`` replaces the one ``backend`` would build (tests, wrappers).
+    existing run; ``service_client`` replaces the one ``backend`` would build (tests, wrappers);
+    ``allow_nan`` keeps training after a step with a non-finite loss (by default the run stops
+    with status ``failed``). SIGTERM, like Ctrl-C, ends the run with status ``interrupted``.
     """
     return asyncio.run(
         train_async(
@@ -428,11 +509,13 @@ def train(
             overwrite=overwrite,
             service_client=service_client,
             progress=progress,
+            allow_nan=allow_nan,
         )
     )
 
 
 __all__ = [
+    "DivergedError",
     "EvalResult",
     "RunDirectoryError",
     "RunResult",

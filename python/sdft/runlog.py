@@ -29,6 +29,7 @@ from sdft.metricrows import (
     final_metrics,
 )
 from sdft.plots import write_metrics_plot
+from sdft.redact import redact
 from sdft.runfiles import (
     CHECKPOINT_INDEX_NAME,
     CHECKPOINTS_DIR,
@@ -44,10 +45,19 @@ from sdft.runfiles import (
 STATUSES = ("running", "completed", "failed", "interrupted")
 
 
+# JSON has no NaN or infinity: they are written as these strings (what JavaScript's Number()
+# parses) and read back as floats, so a diverged step stays visible instead of turning into null.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
 def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
+
+
+def _read_number(value: Any) -> Any:
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
 class RunLog:
@@ -75,21 +85,20 @@ class RunLog:
     # --- metrics -----------------------------------------------------------------------------
 
     def log_metrics(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        row = {
-            "step": int(step),
-            "split": split,
-            "metrics": {key: _json_number(value) for key, value in metrics.items()},
-        }
+        row = self._row(step, split, metrics)
         _atomic.append_line(self.metrics_path, json.dumps(row, sort_keys=False))
         return row
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        rows = _atomic.read_jsonl(self.metrics_path)
+        rows = _atomic.read_jsonl(
+            self.metrics_path, required_keys={"step": int, "split": str, "metrics": dict}
+        )
         for number, row in enumerate(rows, start=1):
             if not isinstance(row.get("step"), int) or not isinstance(row.get("metrics"), dict):
                 raise ValueError(
                     f"{self.metrics_path}:{number}: not a {{step, split, metrics}} row"
                 )
+            row["metrics"] = {key: _read_number(value) for key, value in row["metrics"].items()}
         return rows
 
     def keep_steps_up_to(self, step: int) -> int:
@@ -101,9 +110,24 @@ class RunLog:
             return 0
         rows = self.read_metrics()
         kept = [row for row in rows if row["step"] <= step]
-        text = "".join(json.dumps(row, sort_keys=False) + "\n" for row in kept)
-        _atomic.write_text(self.metrics_path, text)
+        self.write_metrics(kept)
         return len(rows) - len(kept)
+
+    def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows``, atomically."""
+        text = "".join(
+            json.dumps(self._row(row["step"], row["split"], row["metrics"]), sort_keys=False) + "\n"
+            for row in rows
+        )
+        _atomic.write_text(self.metrics_path, text)
+
+    @staticmethod
+    def _row(step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "step": int(step),
+            "split": split,
+            "metrics": {key: _json_number(value) for key, value in metrics.items()},
+        }
 
     # --- predictions -------------------------------------------------------------------------
 
@@ -136,7 +160,7 @@ class RunLog:
                 steps_completed=steps_completed,
                 max_steps=max_steps,
                 description=description,
-                error=error,
+                error=redact(error) if error else error,
                 outputs=self._outputs_listing(),
             ),
         )

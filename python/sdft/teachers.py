@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdft.checkpoints import CheckpointRecord
+from sdft.checkpoints import TEACHER_PATH_KEY, CheckpointRecord
 from sdft.clients import resolve
 from sdft.config import TeacherSection
-
-TEACHER_PATH_KEY = "teacher_path"
 
 
 class TeacherPolicy:
