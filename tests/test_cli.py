@@ -126,7 +126,7 @@ def test_validate_checklist(tmp_path: Path, capsys) -> None:
     lines = out.splitlines()
     assert lines[0] == f"[ok  ] config               {config} (schema valid)"
     assert lines[1].startswith("[ok  ] data                 5 examples (jsonl) from ")
-    assert lines[2] == "[ok  ] templates            render with example 'train:1'"
+    assert lines[2] == "[ok  ] templates            render with all 5 examples"
     assert lines[3].startswith("[ok  ] benchmark val        2 tasks, pass@1, every 2 steps")
     assert lines[4].startswith("[ok  ] benchmark final      1 tasks, pass@1, after training")
     assert lines[5].startswith("[ok  ] backend              local, device cpu, dtype float32")
@@ -253,3 +253,108 @@ def test_real_model_end_to_end(tmp_path: Path, capsys) -> None:
     # The base model knows a capital ("The capital of Japan is Tokyo.").
     assert [p["task_id"] for p in predictions] == ["val_0", "val_1"]
     assert any(p["correct"] for p in predictions)
+
+
+# --- validate and argument checks (issue 10) ---------------------------------------------------
+
+
+def test_validate_deep_checks_every_example_and_names_its_row(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path)
+    data = tmp_path / "data" / "train.jsonl"
+    long_question = " ".join(["word"] * 400) + "?"
+    long_row = json.dumps({"inputs": {"question": long_question}, "expected": "x"})
+    data.write_text(long_row + "\n" + data.read_text())  # line 1 is too long; lines 2-6 fit
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 0  # the shallow checks do not render prompts
+    code, out, _ = run(capsys, "validate", str(config), "--deep")
+    assert code == 1
+    prompt_lines = [line for line in out.splitlines() if " prompts " in line]
+    assert len(prompt_lines) == 2
+    assert prompt_lines[0].startswith(f"[FAIL] prompts              {data}:1: teacher prompt ")
+    assert prompt_lines[0].endswith(
+        "tokens: only 0 of max_tokens 8 completion tokens fit max_context_length 256"
+    )
+    assert prompt_lines[1].startswith("[FAIL] prompts              6 examples rendered; student ")
+    assert prompt_lines[1].endswith("; 1 rows fail, 0 rows warn")
+
+
+def test_validate_reports_unreadable_rows_and_keeps_going(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path)
+    data = tmp_path / "data" / "train.jsonl"
+    with open(data, "a") as handle:
+        handle.write("[" * 100_000 + "]" * 100_000 + "\n")
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 1
+    lines = out.splitlines()
+    assert f"[FAIL] data                 {data}:6: JSON nested too deeply to read" in lines
+    assert any(line.startswith("[ok  ] output_dir") for line in lines)
+    assert lines[-1] == "1 check(s) failed"
+
+
+def test_validate_fails_when_output_dir_is_a_file(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path)
+    line = config.read_text().splitlines().index("output_dir: out") + 1
+    (tmp_path / "out").write_text("")
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 1
+    assert out.splitlines()[0] == (
+        f"[FAIL] config               {config}:{line}: output_dir: {tmp_path / 'out'} exists "
+        "and is not a directory"
+    )
+    code, _, err = run(capsys, "train", str(config))
+    assert (code, err) == (
+        2,
+        f"sdft: error: {config}:{line}: output_dir: {tmp_path / 'out'} exists and is not a "
+        "directory\n",
+    )
+
+
+def test_max_steps_override_is_bounded(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path)
+    code, _, err = run(capsys, "train", str(config), "--max-steps", str(10**23))
+    assert (code, err) == (
+        2,
+        f"sdft: error: --max-steps must be <= 10000000, got {10**23}\n",
+    )
+
+
+def _metrics_run(root: Path, rows: list[str]) -> Path:
+    root.mkdir(parents=True)
+    (root / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
+    return root
+
+
+def test_compare_rejects_repeated_labels(tmp_path: Path, capsys) -> None:
+    row = '{"step": 1, "split": "train", "metrics": {"train/mean_loss": 1.0}}'
+    a = _metrics_run(tmp_path / "a" / "run", [row])
+    b = _metrics_run(tmp_path / "b" / "run", [row])
+    code, _, err = run(capsys, "compare", str(a), str(b), "--labels", "x", "x")
+    assert (code, err) == (
+        2,
+        "sdft: error: each run needs its own label; --labels repeat 'x'\n",
+    )
+    code, _, err = run(capsys, "compare", str(a), str(b))
+    assert (code, err) == (
+        2,
+        "sdft: error: each run needs its own label; the run directory names (pass --labels) "
+        "repeat 'run'\n",
+    )
+    code, out, _ = run(capsys, "compare", str(a), str(b), "--labels", "x", "y")
+    assert code == 0 and "| x | 1 |" in out and "| y | 1 |" in out
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"step": 1, "metrics": {}}', "2: missing key 'split'"),
+        ("42", "2: expected a JSON object, got integer"),
+        ('{"step": "1", "split": "train", "metrics": {}}', "2: 'step' must be integer, got string"),
+    ],
+)
+def test_compare_names_file_and_line_of_a_malformed_metrics_row(
+    tmp_path: Path, capsys, row: str, message: str
+) -> None:
+    good = '{"step": 1, "split": "train", "metrics": {"train/mean_loss": 1.0}}'
+    a = _metrics_run(tmp_path / "a", [good, row])
+    code, _, err = run(capsys, "compare", str(a))
+    assert (code, err) == (2, f"sdft: error: {a / 'metrics.jsonl'}:{message}\n")

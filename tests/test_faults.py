@@ -17,7 +17,7 @@ from sdft.checkpoints import read_checkpoints
 from sdft.config import load_config
 from sdft.loop import train
 from sdft.runlog import RunLog
-from test_loop import local_service, write_config
+from support import local_service, write_config
 
 
 class FaultyWrites:

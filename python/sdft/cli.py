@@ -10,9 +10,10 @@ import argparse
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdft.redact import install_log_redaction, redact
 
@@ -37,72 +38,89 @@ class Check:
 
 def run_checks(config_path: Path, *, deep: bool) -> list[Check]:
     """Every offline check of a config: schema, files, data rows, benchmarks, templates, backend,
-    output directory; with ``deep`` also the model, its tokenizer and the rendered prompts."""
+    output directory; with ``deep`` also the model's tokenizer and every rendered prompt.
+
+    A check that fails with any error reports it and the checklist goes on."""
     from sdft.config import load_config
 
-    checks: list[Check] = []
     try:
         config = load_config(config_path)
-    except (ValueError, FileNotFoundError) as exc:
-        return [Check("config", "FAIL", str(exc))]
-    checks.append(Check("config", "ok", f"{config_path} (schema valid)"))
+    except Exception as exc:
+        return [Check("config", "FAIL", _describe_error(exc))]
+    checks = [Check("config", "ok", f"{config_path} (schema valid)")]
 
-    examples = []
+    located: list[tuple[str, Any]] = []
     try:
-        from sdft.datasets import load_examples
+        from sdft.datasets import load_located_examples
 
         data = config.data
-        examples = load_examples(
+        located = load_located_examples(
             data.path, source_kind=data.source_kind, fields=data.fields, split=data.split
         )
         checks.append(
-            Check("data", "ok", f"{len(examples)} examples ({data.source_kind}) from {data.path}")
+            Check("data", "ok", f"{len(located)} examples ({data.source_kind}) from {data.path}")
         )
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
-        checks.append(Check("data", "FAIL", str(exc)))
+    except Exception as exc:
+        checks.append(Check("data", "FAIL", _describe_error(exc)))
 
-    params = config.params
-    if examples:
-        first = examples[0]
-        try:
-            params.user_template.format(question=first.question)
-            if config.algorithm.kind == "sdft":
-                params.demo_template.format(
-                    question=first.question, golden_answer=first.golden_answer
-                )
-            checks.append(Check("templates", "ok", f"render with example {first.id!r}"))
-        except (KeyError, IndexError, ValueError) as exc:
-            checks.append(
-                Check("templates", "FAIL", f"cannot render with example {first.id!r}: {exc}")
-            )
-
-    from sdft.evals import load_benchmark
-
+    if located:
+        checks.append(_guarded("templates", lambda: _template_check(config, located)))
     for entry in config.metadata.benchmark:
-        try:
-            benchmark = load_benchmark(entry.path, name=entry.name)
-            when = f"every {entry.run_every} steps" if entry.run_every else "after training"
-            metrics = ", ".join(entry.metrics)
-            checks.append(
-                Check(
-                    f"benchmark {entry.name}",
-                    "ok",
-                    f"{len(benchmark)} tasks, {metrics}, {when} ({entry.path})",
-                )
-            )
-        except (ValueError, FileNotFoundError, TypeError, KeyError) as exc:
-            checks.append(Check(f"benchmark {entry.name}", "FAIL", str(exc)))
+        checks.append(
+            _guarded(f"benchmark {entry.name}", lambda entry=entry: _benchmark_check(entry))
+        )
     if not config.metadata.benchmark:
         checks.append(Check("benchmarks", "warn", "none configured (metadata.benchmark)"))
 
-    checks.append(_backend_check(config))
-    checks.append(_output_check(config))
+    checks.append(_guarded("backend", lambda: _backend_check(config)))
+    checks.append(_guarded("output_dir", lambda: _output_check(config)))
 
     if deep:
-        checks.extend(_deep_checks(config, examples))
+        try:
+            checks.extend(_deep_checks(config, located))
+        except Exception as exc:
+            checks.append(Check("prompts", "FAIL", _describe_error(exc)))
     else:
         checks.append(Check("model", "skip", "pass --deep to resolve the model and render prompts"))
     return checks
+
+
+def _describe_error(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _guarded(name: str, check: Callable[[], Check]) -> Check:
+    try:
+        return check()
+    except Exception as exc:
+        return Check(name, "FAIL", _describe_error(exc))
+
+
+def _template_check(config, located: list[tuple[str, Any]]) -> Check:
+    params = config.params
+    for where, example in located:
+        try:
+            params.user_template.format(question=example.question)
+            if config.algorithm.kind == "sdft":
+                params.demo_template.format(
+                    question=example.question, golden_answer=example.golden_answer
+                )
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            return Check("templates", "FAIL", f"{where} cannot render the templates: {exc}")
+    return Check("templates", "ok", f"render with all {len(located)} examples")
+
+
+def _benchmark_check(entry) -> Check:
+    from sdft.evals import load_benchmark
+
+    benchmark = load_benchmark(entry.path, name=entry.name)
+    when = f"every {entry.run_every} steps" if entry.run_every else "after training"
+    metrics = ", ".join(entry.metrics)
+    return Check(
+        f"benchmark {entry.name}",
+        "ok",
+        f"{len(benchmark)} tasks, {metrics}, {when} ({entry.path})",
+    )
 
 
 def _backend_check(config) -> Check:
@@ -166,8 +184,13 @@ def _output_check(config) -> Check:
     )
 
 
-def _deep_checks(config, examples) -> list[Check]:
-    from sdft import data as sdft_data
+#: How many problem rows ``validate --deep`` lists one by one before summarizing the rest.
+MAX_ROWS_REPORTED = 20
+
+
+def _deep_checks(config, located: list[tuple[str, Any]]) -> list[Check]:
+    """Resolve the model's tokenizer (no weights are loaded) and render and length-check the
+    student and teacher prompts of every example, reporting each problem row by its location."""
     from sdft.models import ModelNotFoundError, load_tokenizer, resolve_model
 
     checks: list[Check] = []
@@ -193,42 +216,86 @@ def _deep_checks(config, examples) -> list[Check]:
     except (ValueError, OSError) as exc:
         return [*checks, Check("tokenizer", "FAIL", f"{name}: {exc}")]
     checks.append(Check("tokenizer", "ok", f"{type(tokenizer).__name__}, {len(tokenizer)} tokens"))
-    if not examples:
-        return checks
-    params = config.params
-    first = examples[0]
-    system = first.system_prompt if first.system_prompt is not None else params.system_prompt
-    try:
-        student = sdft_data.build_student_prompt(
-            question=first.question,
-            tokenizer=tokenizer,
-            user_template=params.user_template,
-            system_prompt=system,
-            enable_thinking=params.enable_thinking,
-        )
-        detail = f"student prompt {student.length} tokens"
-        status = "ok"
-        if config.algorithm.kind == "sdft":
-            teacher = sdft_data.build_teacher_prompt(
-                question=first.question,
-                golden_answer=first.golden_answer,
-                tokenizer=tokenizer,
-                system_prompt=system,
-                demo_template=params.demo_template,
-                enable_thinking=params.enable_thinking,
-            )
-            detail += f", teacher prompt {teacher.length} tokens"
-            room = params.max_context_length - teacher.length
-            if room < params.max_tokens:
-                status = "warn" if room > 0 else "FAIL"
-                detail += (
-                    f"; only {max(room, 0)} of max_tokens {params.max_tokens} completion tokens fit "
-                    f"max_context_length {params.max_context_length} (completions get truncated)"
-                )
-        checks.append(Check("prompts", status, f"{detail} (example {first.id!r})"))
-    except (ValueError, TypeError, KeyError) as exc:
-        checks.append(Check("prompts", "FAIL", f"example {first.id!r}: {exc}"))
+    if located:
+        checks.extend(_prompt_checks(config, tokenizer, located))
     return checks
+
+
+def _prompt_checks(config, tokenizer: Any, located: list[tuple[str, Any]]) -> list[Check]:
+    from sdft import data as sdft_data
+
+    params = config.params
+    sdft_run = config.algorithm.kind == "sdft"
+    problems: list[Check] = []
+    student_lengths: list[int] = []
+    teacher_lengths: list[int] = []
+    for where, example in located:
+        system = (
+            example.system_prompt if example.system_prompt is not None else params.system_prompt
+        )
+        try:
+            student = sdft_data.build_student_prompt(
+                question=example.question,
+                tokenizer=tokenizer,
+                user_template=params.user_template,
+                system_prompt=system,
+                enable_thinking=params.enable_thinking,
+            ).length
+            teacher = None
+            if sdft_run:
+                teacher = sdft_data.build_teacher_prompt(
+                    question=example.question,
+                    golden_answer=example.golden_answer,
+                    tokenizer=tokenizer,
+                    system_prompt=system,
+                    demo_template=params.demo_template,
+                    enable_thinking=params.enable_thinking,
+                ).length
+        except Exception as exc:
+            problems.append(
+                Check("prompts", "FAIL", f"{where} cannot render: {_describe_error(exc)}")
+            )
+            continue
+        student_lengths.append(student)
+        longest = student
+        label = f"student prompt {student} tokens"
+        if teacher is not None:
+            teacher_lengths.append(teacher)
+            longest = max(student, teacher)
+            label = f"teacher prompt {teacher} tokens"
+        room = params.max_context_length - longest
+        if room < params.max_tokens:
+            problems.append(
+                Check(
+                    "prompts",
+                    "warn" if room > 0 else "FAIL",
+                    f"{where} {label}: only {max(room, 0)} of max_tokens {params.max_tokens} "
+                    f"completion tokens fit max_context_length {params.max_context_length}"
+                    + (" (completions get truncated)" if room > 0 else ""),
+                )
+            )
+    shown = problems[:MAX_ROWS_REPORTED]
+    failed = sum(check.status == "FAIL" for check in problems)
+    warned = len(problems) - failed
+    if len(problems) > len(shown):
+        shown.append(
+            Check(
+                "prompts",
+                "FAIL" if failed else "warn",
+                f"... {len(problems) - len(shown)} more rows with problems not listed",
+            )
+        )
+    summary = f"{len(located)} examples rendered"
+    if student_lengths:
+        summary += f"; student prompts {min(student_lengths)}-{max(student_lengths)} tokens"
+    if teacher_lengths:
+        summary += f", teacher prompts {min(teacher_lengths)}-{max(teacher_lengths)} tokens"
+    if problems:
+        summary += f"; {failed} rows fail, {warned} rows warn"
+        status = "FAIL" if failed else "warn"
+    else:
+        status = "ok"
+    return [*shown, Check("prompts", status, summary)]
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -253,9 +320,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        from sdft.config import MAX_STEPS
+
+        if args.max_steps > MAX_STEPS:
+            raise ValueError(f"--max-steps must be <= {MAX_STEPS}, got {args.max_steps}")
         config.algorithm.params.max_steps = args.max_steps
     result = train(
-        config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        allow_nan=args.allow_nan,
     )
     print(f"Status:    {result.status}")
     print(f"Steps:     {result.steps_completed}/{result.max_steps}")
@@ -310,6 +385,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     labels = args.labels or [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):
         raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        source = "--labels" if args.labels else "the run directory names (pass --labels)"
+        raise ValueError(
+            f"each run needs its own label; {source} repeat {', '.join(map(repr, repeated))}"
+        )
     runs = {}
     for label, run in zip(labels, args.runs, strict=True):
         log = RunLog(run)
@@ -343,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--max-steps", type=int, help="override algorithm.params.max_steps")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--allow-nan",
+        action="store_true",
+        help="keep training after a step with a non-finite loss (default: the run stops, failed)",
+    )
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check a config offline")

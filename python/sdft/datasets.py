@@ -307,15 +307,19 @@ def _check_same_format(row: Any, where: str, row_format: RowFormat, first_where:
         )
 
 
+LocatedExample = tuple[str, SDFTExample]
+
+
 def _convert_rows(
     located_rows: Iterable[tuple[str, str, Any]],
     fields: Mapping[str, str] | None,
     source: str,
-) -> list[SDFTExample]:
-    """Convert ``(where, default_id, row)`` triples; the first row decides the format."""
+) -> list[LocatedExample]:
+    """Convert ``(where, default_id, row)`` triples into ``(where, example)`` pairs; the first
+    row decides the format."""
     if fields is not None:
         fields = validate_field_mapping(fields)
-    examples: list[SDFTExample] = []
+    examples: list[LocatedExample] = []
     first_seen: dict[str, str] = {}
     row_format: RowFormat | None = None
     first_where = ""
@@ -337,7 +341,7 @@ def _convert_rows(
                 f"{first_seen[example.id].rstrip(':')})"
             )
         first_seen[example.id] = where
-        examples.append(example)
+        examples.append((where, example))
     if not examples:
         raise ValueError(f"{source}: no examples")
     return examples
@@ -354,9 +358,14 @@ def examples_from_rows(
 ) -> list[SDFTExample]:
     """Examples from in-memory rows: :class:`SDFTExample` objects (kept as they are) or mappings
     of any accepted format. Default ids are the row positions (``"0"``, ``"1"``, ...)."""
-    return _convert_rows(
+    located = _convert_rows(
         ((f"rows[{i}]:", str(i), row) for i, row in enumerate(rows)), fields, "rows"
     )
+    return _without_locations(located)
+
+
+def _without_locations(located: list[LocatedExample]) -> list[SDFTExample]:
+    return [example for _, example in located]
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -391,6 +400,12 @@ def load_jsonl_examples(
     """Examples from a JSONL file; format auto-detected unless ``fields`` maps the columns.
 
     Default ids are ``<file stem>:<line number>``."""
+    return _without_locations(_located_jsonl(path, fields))
+
+
+def _located_jsonl(
+    path: str | os.PathLike[str], fields: Mapping[str, str] | None
+) -> list[LocatedExample]:
     target = Path(path)
     _require_file(target, "data file")
     return _convert_rows(_jsonl_rows(target), fields, str(target))
@@ -428,6 +443,12 @@ def load_arrow_examples(
 
     Default ids are ``<file or directory name>:<row index>`` (0-based, counted across shards);
     error locations give the shard and its own row index."""
+    return _without_locations(_located_arrow(path, fields))
+
+
+def _located_arrow(
+    path: str | os.PathLike[str], fields: Mapping[str, str] | None
+) -> list[LocatedExample]:
     target = Path(path)
     if not target.exists():
         raise FileNotFoundError(f"Arrow data not found: {target}")
@@ -454,6 +475,12 @@ def load_hf_examples(
     """Examples from a ``datasets`` dataset saved with ``save_to_disk``.
 
     Default ids are ``<directory name>:<row index>``."""
+    return _without_locations(_located_hf(path, fields, split))
+
+
+def _located_hf(
+    path: str | os.PathLike[str], fields: Mapping[str, str] | None, split: str | None
+) -> list[LocatedExample]:
     target = Path(path)
     if not target.is_dir():
         raise FileNotFoundError(f"HF dataset directory not found: {target}")
@@ -494,16 +521,30 @@ def load_examples(
     split: str | None = None,
 ) -> list[SDFTExample]:
     """Load training examples from ``path`` (see the module docstring for the formats)."""
+    return _without_locations(
+        load_located_examples(path, source_kind=source_kind, fields=fields, split=split)
+    )
+
+
+def load_located_examples(
+    path: str | os.PathLike[str],
+    *,
+    source_kind: SourceKind = "jsonl",
+    fields: Mapping[str, str] | None = None,
+    split: str | None = None,
+) -> list[LocatedExample]:
+    """:func:`load_examples` with each example's location, ``(where, example)``: ``where`` is the
+    prefix its error messages use (``data.jsonl:3:``, ``shard.arrow: row 2:``)."""
     if source_kind == "jsonl":
         if split is not None:
             raise ValueError("split applies to source_kind 'hf' only")
-        return load_jsonl_examples(path, fields=fields)
+        return _located_jsonl(path, fields)
     if source_kind == "hf":
-        return load_hf_examples(path, fields=fields, split=split)
+        return _located_hf(path, fields, split)
     if source_kind == "arrow":
         if split is not None:
             raise ValueError("split applies to source_kind 'hf' only")
-        return load_arrow_examples(path, fields=fields)
+        return _located_arrow(path, fields)
     raise ValueError(f"unknown source_kind {source_kind!r}; use jsonl, hf or arrow")
 
 
@@ -661,5 +702,6 @@ __all__ = [
     "load_examples",
     "load_hf_examples",
     "load_jsonl_examples",
+    "load_located_examples",
     "validate_field_mapping",
 ]
