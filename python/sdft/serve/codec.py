@@ -173,7 +173,7 @@ def decode_forward_backward(
         raise ServeError(400, f"{where}: no data")
     datums = []
     for index, datum in enumerate(message.data):
-        here = f"datum {index}"
+        here = f"{where}: datum {index}"
         inputs = {
             name: _tensor(tensor, f"{here}: loss_fn_inputs[{name!r}]")
             for name, tensor in datum.loss_fn_inputs.items()
