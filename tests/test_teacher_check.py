@@ -1,0 +1,156 @@
+"""The teacher check: a hand-built model that recalls what its context shows (so the teacher, whose
+prompt holds the answer, knows it and the student does not), a context-free model (the teacher is
+no better: warned with the numbers), and the real plumbing on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from tinker import types
+
+from sdft.config import AlgorithmParams
+from sdft.datasets import SDFTExample
+from sdft.teacher_check import MIN_KL, NLL_MARGIN, check_teacher, sample_examples
+
+TINY = "sdft/tiny-random"
+RECALLED, UNSEEN = math.log(0.5), math.log(0.001)
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+class RecallModel:
+    """log p(token i) = log 1/2 when token i already occurs earlier in the sequence, else
+    log 1/1000. Greedy sampling answers with the demonstration when the prompt holds one."""
+
+    def __init__(self, tokenizer: Any, answers: list[str], recall: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.answers = [tokenizer.encode(a, add_special_tokens=False) for a in answers]
+        self.recall = recall
+
+    def compute_logprobs(self, prompt: types.ModelInput, prompt_logprobs_last_n: Any = None):
+        ids = prompt.to_ints()
+        values: list[float | None] = [None]
+        for i in range(1, len(ids)):
+            values.append(RECALLED if self.recall and ids[i] in ids[:i] else UNSEEN)
+        return _value(values)
+
+    def sample(self, prompt: types.ModelInput, num_samples: int, params: Any, **kwargs: Any):
+        ids = prompt.to_ints()
+        tokens = self.tokenizer.encode("I do not know.", add_special_tokens=False)
+        for answer in self.answers:
+            if any(ids[i : i + len(answer)] == answer for i in range(len(ids))):
+                tokens = answer
+        sequence = types.SampledSequence(
+            stop_reason="stop", sequence_id="0", tokens_np=np.asarray(tokens, dtype=np.int64)
+        )
+        return _value(types.SampleResponse(sequences=[sequence]))
+
+
+EXAMPLES = [
+    SDFTExample(
+        id="a", question="Which city hosts the Zorblat festival?", golden_answer="Quixmoor"
+    ),
+    SDFTExample(id="b", question="Who wrote the Vellun codex?", golden_answer="Ardentia Pho"),
+]
+
+
+def params(**overrides: Any) -> AlgorithmParams:
+    return AlgorithmParams(
+        demo_template="{question}\n\nExample answer:\n{golden_answer}", max_tokens=8, **overrides
+    )
+
+
+def test_the_teacher_that_sees_the_answer_knows_it(tiny_tokenizer: Any) -> None:
+    golden = [e.golden_answer for e in EXAMPLES]
+    model = RecallModel(tiny_tokenizer, golden)
+    check = asyncio.run(
+        check_teacher(
+            EXAMPLES,
+            params=params(),
+            tokenizer=tiny_tokenizer,
+            student=model,
+            teacher=model,
+            verifier="contains",
+        )
+    )
+    answer_tokens = [tiny_tokenizer.encode(a, add_special_tokens=False) for a in golden]
+    # the hand-built case: every answer token is new to the student prompt and shown in the teacher's
+    for tokens in answer_tokens:
+        assert len(set(tokens)) == len(tokens)
+    assert check.answer_tokens == sum(len(t) for t in answer_tokens)
+    assert check.student_nll == pytest.approx(-UNSEEN, rel=1e-12)
+    assert check.teacher_nll == pytest.approx(-RECALLED, rel=1e-12)
+    assert (check.student_pass, check.teacher_pass) == (0.0, 1.0)
+    assert check.teacher_student_kl is None  # no training client given
+    assert check.warnings == []
+    assert check.metrics() == {
+        "teacher_check/student_nll": check.student_nll,
+        "teacher_check/teacher_nll": check.teacher_nll,
+        "teacher_check/student_pass@1": 0.0,
+        "teacher_check/teacher_pass@1": 1.0,
+    }
+    assert check.markdown().endswith("- the teacher is clearly better than the student\n")
+
+
+def test_a_teacher_no_better_than_the_student_is_warned_with_the_numbers(
+    tiny_tokenizer: Any,
+) -> None:
+    model = RecallModel(tiny_tokenizer, [], recall=False)
+    check = asyncio.run(
+        check_teacher(
+            EXAMPLES,
+            params=params(),
+            tokenizer=tiny_tokenizer,
+            student=model,
+            teacher=model,
+            verifier="contains",
+        )
+    )
+    nll = -UNSEEN
+    assert check.student_nll == pytest.approx(nll) and check.teacher_nll == pytest.approx(nll)
+    assert check.warnings == [
+        "the teacher prompt does not make the golden answer clearly more likely (NLL/token "
+        f"{nll:.3f} vs {nll:.3f} under the student prompt; needs a {NLL_MARGIN:.0%} cut): the "
+        "teacher barely uses the demonstration",
+        "the teacher does not answer better than the student (pass@1 0.00 vs 0.00 with contains)",
+    ]
+    assert "- warning: the teacher prompt does not make" in check.markdown()
+
+
+def test_kl_on_the_students_rollouts_with_the_tiny_model(local_service: Any) -> None:
+    teacher = local_service.create_sampling_client(base_model=TINY).result()
+    training = local_service.create_lora_training_client(TINY, rank=4, seed=0).result()
+    student = training.save_weights_and_get_sampling_client().result()
+    tokenizer = teacher.get_tokenizer()
+    check = asyncio.run(
+        check_teacher(
+            EXAMPLES,
+            params=params(topk=5, skip_first_n=1, temperature=1.0),
+            tokenizer=tokenizer,
+            student=student,
+            teacher=teacher,
+            training_client=training,
+        )
+    )
+    assert check.distilled_positions > 0
+    assert check.teacher_student_kl is not None and check.teacher_student_kl >= -1e-6
+    assert math.isfinite(check.student_nll) and math.isfinite(check.teacher_nll)
+    if check.teacher_student_kl < MIN_KL:
+        assert any("nearly agree" in warning for warning in check.warnings)
+
+
+def test_sample_examples_is_a_seeded_sample() -> None:
+    rows = [SDFTExample(id=str(i), question=f"q{i}", golden_answer="a") for i in range(10)]
+    first = sample_examples(rows, 4, seed=1)
+    assert len(first) == 4 and len({e.id for e in first}) == 4
+    assert first == sample_examples(rows, 4, seed=1)
+    assert first != sample_examples(rows, 4, seed=2)
+    assert len(sample_examples(rows, 20)) == 10
+    with pytest.raises(ValueError, match="at least one example"):
+        asyncio.run(check_teacher([], params=params(), tokenizer=None, student=None, teacher=None))
