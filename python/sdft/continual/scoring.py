@@ -96,7 +96,7 @@ async def score_model(
         max_tokens = spec.max_tokens or params.max_tokens
         if spec.kind == "drift":
             prompts = load_drift_prompts(spec.path, limit=spec.limit)
-            result = await measure_drift(
+            drift = await measure_drift(
                 sampler,
                 base_sampler,
                 tokenizer,
@@ -108,8 +108,8 @@ async def score_model(
                 enable_thinking=params.enable_thinking,
                 full_vocab=True if "kl_full" in spec.metric_names else None,
             )
-            metrics[spec.name] = result.metrics(spec.metric_names)
-            predictions[spec.name] = result.per_sequence
+            metrics[spec.name] = drift.metrics(spec.metric_names)
+            predictions[spec.name] = drift.per_sequence
             continue
         tasks = (loaded or {}).get(spec.name) or load_tasks(spec)
         totals = dict.fromkeys(spec.metric_names, 0.0)

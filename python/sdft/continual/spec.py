@@ -32,11 +32,13 @@ from sdft.config import (
     _line_for,
     _yaml_lines,
     capability_problems,
+    load_yaml,
+    read_config_text,
     resolve_paths,
 )
+from sdft.evals import parse_metric
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_PASS_AT_K = re.compile(r"^pass@([1-9][0-9]*)$")
 DRIFT_METRICS = ("kl", "kl_full")
 
 
@@ -103,11 +105,9 @@ class BenchmarkSpec(_Strict):
             return self
         metrics = self.metrics or ["pass@1"]
         for metric in metrics:
-            match = _PASS_AT_K.match(metric)
-            if not match:
-                raise ValueError(f"unknown metric {metric!r}; use pass@K (pass@1, pass@4, ...)")
-            if int(match.group(1)) > self.num_samples:
-                raise ValueError(f"{metric} needs num_samples >= {match.group(1)}")
+            k = parse_metric(metric)
+            if k > self.num_samples:
+                raise ValueError(f"{metric} needs num_samples >= {k}")
         if self.source_kind == "tasks":
             for key in ("fields", "split", "verifier"):
                 if getattr(self, key) is not None:
@@ -332,14 +332,11 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
 def _read_yaml(path: Path, what: str) -> tuple[Any, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_config_text(path)
     try:
-        return yaml.safe_load(text), text
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ExperimentError(f"{where}: not valid YAML ({problem})") from None
+        return load_yaml(text, str(path)), text
+    except ConfigError as exc:
+        raise ExperimentError(str(exc)) from None
 
 
 def _located(source: str, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> str:
@@ -358,7 +355,7 @@ def _spec_errors(exc: ValidationError, source: str, lines: dict[tuple[Any, ...],
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
             messages.append((line, f"{where}: {_key_path(loc)}: unknown key{hint}"))
         else:
-            messages.append((line, f"{where}: {_key_path(loc)}: {_friendly(error)}"))
+            messages.append((line, f"{where}: {_key_path(loc)}: {_friendly(dict(error))}"))
     messages.sort(key=lambda item: item[0])
     return "\n".join(dict.fromkeys(message for _, message in messages))
 
@@ -413,7 +410,7 @@ def _run_config_errors(
                 hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
                 messages.append(f"{where}: {key}: unknown key{hint}")
             else:
-                messages.append(f"{where}: {key}: {_friendly(error)}")
+                messages.append(f"{where}: {key}: {_friendly(dict(error))}")
         return None, messages
     problems = capability_problems(config)
     if problems:
