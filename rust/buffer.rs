@@ -10,6 +10,8 @@
 
 use std::ptr::NonNull;
 
+use crate::error::KernelError;
+
 /// Element types whose all-zero bit pattern is the value zero.
 ///
 /// # Safety
@@ -71,24 +73,33 @@ fn physical_memory_bytes() -> Option<usize> {
     None
 }
 
+fn allocation_failed(what: &str, bytes: usize) -> KernelError {
+    KernelError::OutOfMemory(format!(
+        "{what} ({:.2} GiB) could not be allocated",
+        gib(bytes)
+    ))
+}
+
 /// Refuses a request larger than the machine's physical memory (it could only end in the OOM
 /// killer), with a message that names the size.
-pub fn check_fits_in_memory(bytes: usize, what: &str) -> Result<(), String> {
+pub fn check_fits_in_memory(bytes: usize, what: &str) -> Result<(), KernelError> {
     match physical_memory_bytes() {
-        Some(physical) if bytes > physical => Err(format!(
+        Some(physical) if bytes > physical => Err(KernelError::OutOfMemory(format!(
             "{what} needs {:.1} GiB, more than this machine's {:.1} GiB of memory",
             gib(bytes),
             gib(physical)
-        )),
+        ))),
         _ => Ok(()),
     }
 }
 
 impl<T: Zeroable> ZeroedBuffer<T> {
-    pub fn new(len: usize, what: &str) -> Result<Self, String> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| format!("{what} of {len} elements overflows the address space"))?;
+    pub fn new(len: usize, what: &str) -> Result<Self, KernelError> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            KernelError::OutOfMemory(format!(
+                "{what} of {len} elements overflows the address space"
+            ))
+        })?;
         check_fits_in_memory(bytes, what)?;
         #[cfg(unix)]
         {
@@ -98,7 +109,7 @@ impl<T: Zeroable> ZeroedBuffer<T> {
         }
         let mut vec = Vec::new();
         vec.try_reserve_exact(len)
-            .map_err(|_| format!("{what} ({:.2} GiB) could not be allocated", gib(bytes)))?;
+            .map_err(|_| allocation_failed(what, bytes))?;
         vec.resize(len, T::ZERO);
         Ok(ZeroedBuffer {
             storage: Storage::Heap(vec),
@@ -107,7 +118,7 @@ impl<T: Zeroable> ZeroedBuffer<T> {
     }
 
     #[cfg(unix)]
-    fn mapped(len: usize, bytes: usize, what: &str) -> Result<Self, String> {
+    fn mapped(len: usize, bytes: usize, what: &str) -> Result<Self, KernelError> {
         // SAFETY: a fresh private anonymous mapping; the kernel fills it with zeros.
         let raw = unsafe {
             libc::mmap(
@@ -120,10 +131,7 @@ impl<T: Zeroable> ZeroedBuffer<T> {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(format!(
-                "{what} ({:.2} GiB) could not be allocated",
-                gib(bytes)
-            ));
+            return Err(allocation_failed(what, bytes));
         }
         #[cfg(target_os = "linux")]
         {
@@ -131,8 +139,9 @@ impl<T: Zeroable> ZeroedBuffer<T> {
             // SAFETY: the range is exactly the mapping created above.
             unsafe { libc::madvise(raw, bytes, libc::MADV_HUGEPAGE) };
         }
-        let ptr = NonNull::new(raw.cast::<T>())
-            .ok_or_else(|| format!("{what} mapping returned a null pointer"))?;
+        let ptr = NonNull::new(raw.cast::<T>()).ok_or_else(|| {
+            KernelError::internal(format!("{what} mapping returned a null pointer"))
+        })?;
         Ok(ZeroedBuffer {
             storage: Storage::Mapped { ptr, bytes },
             len,
@@ -217,11 +226,22 @@ mod tests {
         let err = ZeroedBuffer::<i64>::new(usize::MAX / 4, "output")
             .err()
             .unwrap();
-        assert!(err.starts_with("output of"), "{err}");
+        assert_eq!(
+            err,
+            KernelError::OutOfMemory(format!(
+                "output of {} elements overflows the address space",
+                usize::MAX / 4
+            ))
+        );
         #[cfg(target_os = "linux")]
         {
             let err = ZeroedBuffer::<f32>::new(1 << 60, "output").err().unwrap();
-            assert!(err.contains("more than this machine's"), "{err}");
+            assert!(matches!(err, KernelError::OutOfMemory(_)), "{err:?}");
+            let message = err.to_string();
+            assert!(
+                message.starts_with("output needs 4294967296.0 GiB, more than this machine's "),
+                "{message}"
+            );
         }
     }
 }

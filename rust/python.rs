@@ -1,25 +1,39 @@
 //! The one thin PyO3 binding (`sdft._kernel`): Python objects in, kernel views out, pure work with
-//! the GIL released (`py.detach`), owned output `Vec`s handed to NumPy without a copy.
+//! the GIL released (`py.detach`), owned output memory handed to NumPy without a copy.
 //!
 //! Exception policy (the same in every function): a Python object of the wrong type or dtype is a
 //! `TypeError`; a well-typed value that is out of range, of the wrong shape or inconsistent is a
-//! `ValueError`. Every message names the datum and, for per-value problems, the position.
+//! `ValueError`; a broken internal invariant is a `RuntimeError`. Every message names the datum
+//! and, for per-value problems, the position. The kernel's errors become Python exceptions in one
+//! place: `impl From<KernelError> for PyErr`.
 
-use crate::buffer::ZeroedBuffer;
+use crate::buffer::{Zeroable, ZeroedBuffer};
 use crate::kernel::{
-    build_csr_batch, build_dense_batch, consulted_teacher_rows, Config, CsrTargets, DatumInput,
-    DenseRows, KernelError, RaggedRows, Stats, Teacher, KERNEL_VERSION, MAX_TOKEN_ID, MAX_TOPK,
-    SENTINEL_LOGPROB,
+    build_csr_batch, build_dense_batch, completion_positions, consulted_teacher_rows,
+    dense_block_offsets, position_context, thread_count, Config, CsrTargets, DatumInput, DenseRows,
+    GatheredRows, KernelError, LogprobCell, Stats, Teacher, TokenCell, KERNEL_VERSION,
+    MAX_TOKEN_ID, MAX_TOPK, SENTINEL_LOGPROB,
 };
 use numpy::ndarray::ArrayView2;
 use numpy::{
     Element, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
     PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
 use std::ops::Range;
+
+impl From<KernelError> for PyErr {
+    fn from(error: KernelError) -> PyErr {
+        match error {
+            KernelError::Internal(_) => PyRuntimeError::new_err(error.to_string()),
+            KernelError::Argument(_) | KernelError::Datum { .. } | KernelError::OutOfMemory(_) => {
+                PyValueError::new_err(error.to_string())
+            }
+        }
+    }
+}
 
 fn type_error(datum: usize, message: impl std::fmt::Display) -> PyErr {
     PyTypeError::new_err(format!("datum {datum}: {message}"))
@@ -29,20 +43,23 @@ fn value_error(datum: usize, message: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("datum {datum}: {message}"))
 }
 
-fn kernel_error(error: KernelError) -> PyErr {
-    PyValueError::new_err(error.to_string())
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map(|name| name.to_string())
+        .unwrap_or_else(|_| "<unknown>".to_string())
 }
 
-/// A teacher's list view converted to numbers: only the rows the kernel will read. One is reused
-/// for every list-view datum of a batch, so at most one datum's rows are held at a time.
-#[derive(Default)]
-struct GatheredRows {
-    num_rows: usize,
-    first_row: usize,
-    spans: Vec<Option<Range<usize>>>,
-    ids: Vec<i64>,
-    logprobs: Vec<f64>,
+fn describe_array(value: &Bound<'_, PyAny>) -> String {
+    match value.cast::<PyUntypedArray>() {
+        Ok(array) => format!("a {}-D {} array", array.ndim(), array.dtype()),
+        Err(_) => type_name(value),
+    }
 }
+
+// ---------------------------------------------------------------------------------------------
+// One datum's Python objects, borrowed for the kernel
 
 enum TeacherGuard<'py> {
     Missing,
@@ -62,35 +79,36 @@ struct DatumGuard<'py> {
     teacher: TeacherGuard<'py>,
 }
 
+fn dense_rows<'a, I: TokenCell + Element, F: LogprobCell + Element>(
+    datum: usize,
+    ids: &'a PyReadonlyArray2<'_, I>,
+    logprobs: &'a PyReadonlyArray2<'_, F>,
+) -> Result<DenseRows<'a, I, F>, KernelError> {
+    DenseRows::new(datum, ids.as_array(), logprobs.as_array())
+}
+
 impl DatumGuard<'_> {
     fn is_list(&self) -> bool {
         matches!(self.teacher, TeacherGuard::List(_))
     }
 
-    /// The kernel's view of the datum; a list-view teacher is read from `gathered`.
-    fn view<'a>(&'a self, datum: usize, gathered: &'a GatheredRows) -> PyResult<DatumInput<'a>> {
-        let dense_error = |message: String| value_error(datum, message);
+    fn rows(&self) -> usize {
+        self.mask.as_array().len()
+    }
+
+    /// The kernel's view of datum `datum`; a list-view teacher is read from `gathered`.
+    fn view<'a>(
+        &'a self,
+        datum: usize,
+        gathered: &'a GatheredRows,
+    ) -> Result<DatumInput<'a>, KernelError> {
         let teacher = match &self.teacher {
             TeacherGuard::Missing => Teacher::Missing,
-            TeacherGuard::I32F32(ids, lps) => Teacher::DenseI32F32(
-                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
-            ),
-            TeacherGuard::I32F64(ids, lps) => Teacher::DenseI32F64(
-                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
-            ),
-            TeacherGuard::I64F32(ids, lps) => Teacher::DenseI64F32(
-                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
-            ),
-            TeacherGuard::I64F64(ids, lps) => Teacher::DenseI64F64(
-                DenseRows::new(ids.as_array(), lps.as_array()).map_err(dense_error)?,
-            ),
-            TeacherGuard::List(_) => Teacher::Ragged(RaggedRows {
-                num_rows: gathered.num_rows,
-                first_row: gathered.first_row,
-                spans: &gathered.spans,
-                ids: &gathered.ids,
-                logprobs: &gathered.logprobs,
-            }),
+            TeacherGuard::I32F32(ids, lps) => Teacher::DenseI32F32(dense_rows(datum, ids, lps)?),
+            TeacherGuard::I32F64(ids, lps) => Teacher::DenseI32F64(dense_rows(datum, ids, lps)?),
+            TeacherGuard::I64F32(ids, lps) => Teacher::DenseI64F32(dense_rows(datum, ids, lps)?),
+            TeacherGuard::I64F64(ids, lps) => Teacher::DenseI64F64(dense_rows(datum, ids, lps)?),
+            TeacherGuard::List(_) => Teacher::Ragged(gathered.rows()),
         };
         Ok(DatumInput {
             mask: self.mask.as_array(),
@@ -101,6 +119,24 @@ impl DatumGuard<'_> {
     }
 }
 
+const ITEM_SHAPE: &str = "expected a (mask, completion_len, teacher_prompt_len, teacher) tuple";
+
+/// Borrows one `(mask, completion_len, teacher_prompt_len, teacher)` item.
+fn extract_datum<'py>(datum: usize, item: &Bound<'py, PyAny>) -> PyResult<DatumGuard<'py>> {
+    let fields = item
+        .cast::<PyTuple>()
+        .map_err(|_| type_error(datum, ITEM_SHAPE))?;
+    if fields.len() != 4 {
+        return Err(type_error(datum, ITEM_SHAPE));
+    }
+    Ok(DatumGuard {
+        mask: extract_mask(datum, &fields.get_item(0)?)?,
+        completion_len: extract_count(datum, "completion_len", &fields.get_item(1)?)?,
+        teacher_prompt_len: extract_count(datum, "teacher_prompt_len", &fields.get_item(2)?)?,
+        teacher: extract_teacher(datum, &fields.get_item(3)?)?,
+    })
+}
+
 fn extract_count(datum: usize, name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
     if value.is_instance_of::<PyBool>() {
         return Err(type_error(
@@ -108,22 +144,24 @@ fn extract_count(datum: usize, name: &str, value: &Bound<'_, PyAny>) -> PyResult
             format!("{name} must be an int, got bool"),
         ));
     }
-    let number: i64 = value.extract().map_err(|_| {
-        type_error(
-            datum,
-            format!("{name} must be an int, got {}", type_name(value)),
-        )
-    })?;
+    let number = match value.extract::<i64>() {
+        Ok(number) => number,
+        // An int that does not fit in i64 is an out-of-range value, not a wrong type.
+        Err(err) if err.is_instance_of::<PyOverflowError>(value.py()) => {
+            return Err(value_error(
+                datum,
+                format!("{name} must be a non-negative int below 2**63, got {value}"),
+            ));
+        }
+        Err(_) => {
+            return Err(type_error(
+                datum,
+                format!("{name} must be an int, got {}", type_name(value)),
+            ));
+        }
+    };
     usize::try_from(number)
         .map_err(|_| value_error(datum, format!("{name} must be >= 0, got {number}")))
-}
-
-fn type_name(value: &Bound<'_, PyAny>) -> String {
-    value
-        .get_type()
-        .name()
-        .map(|name| name.to_string())
-        .unwrap_or_else(|_| "<unknown>".to_string())
 }
 
 fn extract_mask<'py>(
@@ -144,10 +182,21 @@ fn extract_mask<'py>(
         .map_err(|e| value_error(datum, format!("mask cannot be read: {e}")))
 }
 
-fn describe_array(value: &Bound<'_, PyAny>) -> String {
-    match value.cast::<PyUntypedArray>() {
-        Ok(array) => format!("a {}-D {} array", array.ndim(), array.dtype()),
-        Err(_) => type_name(value),
+fn extract_teacher<'py>(datum: usize, teacher: &Bound<'py, PyAny>) -> PyResult<TeacherGuard<'py>> {
+    if teacher.is_none() {
+        Ok(TeacherGuard::Missing)
+    } else if let Ok(rows) = teacher.cast::<PyList>() {
+        Ok(TeacherGuard::List(rows.clone()))
+    } else if let Ok(pair) = teacher.cast::<PyTuple>() {
+        extract_dense_teacher(datum, pair)
+    } else {
+        Err(type_error(
+            datum,
+            format!(
+                "teacher must be None, a list of rows or a (token_ids, logprobs) tuple, got {}",
+                type_name(teacher)
+            ),
+        ))
     }
 }
 
@@ -222,185 +271,180 @@ fn extract_dense_teacher<'py>(
     })
 }
 
-/// Where completion position `t` of a datum sits, for messages about list-view entries.
-fn list_position(mask: &PyReadonlyArray1<'_, f32>, t: usize, row: usize) -> String {
-    let student = mask
-        .as_array()
-        .iter()
-        .enumerate()
-        .filter(|(_, &m)| m > 0.0)
-        .nth(t)
-        .map(|(j, _)| j.to_string())
-        .unwrap_or_else(|| "?".to_string());
-    format!("completion position {t} (student position {student}, teacher row {row})")
+// ---------------------------------------------------------------------------------------------
+// The list view: only the rows the kernel will read are converted
+
+/// What is wrong with one `(token_id, logprob)` entry.
+enum EntryProblem {
+    Type(String),
+    Value(String),
 }
 
-/// Converts the rows the kernel will read from the list view (`None` or a list of
-/// `(token_id, logprob)` pairs per row) into flat numbers. Only the first `topk` entries of each
+/// What is wrong with one list-view row, before its position is put into words.
+enum RowProblem {
+    /// Neither `None`, a list nor a tuple (the type's name).
+    NotARow(String),
+    Entry {
+        entry: usize,
+        problem: EntryProblem,
+    },
+    /// Python raised while the row was read.
+    Python(PyErr),
+}
+
+/// Converts the rows the kernel will read from datum `datum`'s list view (`None` or a list of
+/// `(token_id, logprob)` pairs per row) into `gathered`. Only the first `topk` entries of each
 /// row are touched.
 fn gather_list_rows(
     datum: usize,
+    guard: &DatumGuard<'_>,
     rows: &Bound<'_, PyList>,
-    mask: &PyReadonlyArray1<'_, f32>,
-    completion_len: usize,
-    teacher_prompt_len: usize,
     config: &Config,
     gathered: &mut GatheredRows,
 ) -> PyResult<()> {
     let num_rows = rows.len();
     let window = consulted_teacher_rows(
-        mask.as_array(),
-        completion_len,
-        teacher_prompt_len,
+        guard.mask.as_array(),
+        guard.completion_len,
+        guard.teacher_prompt_len,
         config.skip_first_n,
     );
     let window = window.start.min(num_rows)..window.end.min(num_rows);
-    gathered.num_rows = num_rows;
-    gathered.first_row = window.start;
-    gathered.spans.clear();
-    gathered.ids.clear();
-    gathered.logprobs.clear();
+    gathered.start(num_rows, window.start);
     for row in window {
-        let where_ = |entry: Option<usize>| {
-            let at = list_position(mask, row.saturating_sub(teacher_prompt_len), row);
-            match entry {
-                Some(entry) => format!("{at}, entry {entry}"),
-                None => at,
-            }
-        };
         let item = rows.get_item(row)?;
-        if item.is_none() {
-            gathered.spans.push(None);
-            continue;
-        }
-        let start = gathered.ids.len();
-        if let Ok(entries) = item.cast::<PyList>() {
-            let take = entries.len().min(config.topk);
-            for entry in 0..take {
-                let (id, logprob) =
-                    extract_entry(&entries.get_item(entry)?).map_err(|(is_type, problem)| {
-                        entry_error(datum, is_type, where_(Some(entry)), problem)
-                    })?;
-                gathered.ids.push(id);
-                gathered.logprobs.push(logprob);
-            }
+        let take = |len: usize| len.min(config.topk);
+        let outcome = if item.is_none() {
+            gathered.push_none_row();
+            Ok(())
+        } else if let Ok(entries) = item.cast::<PyList>() {
+            gather_row(take(entries.len()), |i| entries.get_item(i), gathered)
         } else if let Ok(entries) = item.cast::<PyTuple>() {
-            let take = entries.len().min(config.topk);
-            for entry in 0..take {
-                let (id, logprob) =
-                    extract_entry(&entries.get_item(entry)?).map_err(|(is_type, problem)| {
-                        entry_error(datum, is_type, where_(Some(entry)), problem)
-                    })?;
-                gathered.ids.push(id);
-                gathered.logprobs.push(logprob);
-            }
+            gather_row(take(entries.len()), |i| entries.get_item(i), gathered)
         } else {
-            return Err(type_error(
-                datum,
-                format!(
-                    "{}: teacher row must be None or a list of (token_id, logprob) pairs, got {}",
-                    where_(None),
-                    type_name(&item)
-                ),
-            ));
-        }
-        gathered.spans.push(Some(start..gathered.ids.len()));
+            Err(RowProblem::NotARow(type_name(&item)))
+        };
+        outcome.map_err(|problem| row_error(datum, guard, row, problem))?;
     }
     Ok(())
 }
 
-fn entry_error(datum: usize, is_type: bool, at: String, problem: String) -> PyErr {
+/// Converts the first `take` entries of a row (a list or a tuple, read through `get`).
+fn gather_row<'py>(
+    take: usize,
+    get: impl Fn(usize) -> PyResult<Bound<'py, PyAny>>,
+    gathered: &mut GatheredRows,
+) -> Result<(), RowProblem> {
+    for entry in 0..take {
+        let item = get(entry).map_err(RowProblem::Python)?;
+        let (id, logprob) =
+            extract_entry(&item).map_err(|problem| RowProblem::Entry { entry, problem })?;
+        gathered.push_entry(id, logprob);
+    }
+    gathered.finish_row();
+    Ok(())
+}
+
+/// The exception for a bad list-view row, naming where teacher row `row` sits in the datum.
+#[cold]
+fn row_error(datum: usize, guard: &DatumGuard<'_>, row: usize, problem: RowProblem) -> PyErr {
+    let (is_type, problem) = match problem {
+        RowProblem::Python(err) => return err,
+        RowProblem::NotARow(name) => (
+            true,
+            format!(
+                ": teacher row must be None or a list of (token_id, logprob) pairs, got {name}"
+            ),
+        ),
+        RowProblem::Entry { entry, problem } => match problem {
+            EntryProblem::Type(message) => (true, format!(", entry {entry}: {message}")),
+            EntryProblem::Value(message) => (false, format!(", entry {entry}: {message}")),
+        },
+    };
+    let t = row.saturating_sub(guard.teacher_prompt_len);
+    let Some(student_pos) = completion_positions(guard.mask.as_array()).nth(t) else {
+        return KernelError::internal(format!(
+            "datum {datum}: teacher row {row} has no completion position"
+        ))
+        .into();
+    };
+    let message = format!("{}{problem}", position_context(t, student_pos, row));
     if is_type {
-        type_error(datum, format!("{at}: {problem}"))
+        type_error(datum, message)
     } else {
-        value_error(datum, format!("{at}: {problem}"))
+        value_error(datum, message)
     }
 }
 
-/// One `(token_id, logprob)` entry. Errors carry whether they are type errors.
-fn extract_entry(entry: &Bound<'_, PyAny>) -> Result<(i64, f64), (bool, String)> {
-    let not_a_pair = || {
-        (
-            true,
-            format!(
-                "entry must be a (token_id, logprob) pair, got {}",
-                type_name(entry)
-            ),
-        )
-    };
+fn not_a_pair(entry: &Bound<'_, PyAny>) -> EntryProblem {
+    EntryProblem::Type(format!(
+        "entry must be a (token_id, logprob) pair, got {}",
+        type_name(entry)
+    ))
+}
+
+/// The two items of a pair given as a tuple or a list (`kind`) of `len` items read through `get`.
+fn pair_items<'py>(
+    entry: &Bound<'py, PyAny>,
+    kind: &str,
+    len: usize,
+    get: impl Fn(usize) -> PyResult<Bound<'py, PyAny>>,
+) -> Result<(Bound<'py, PyAny>, Bound<'py, PyAny>), EntryProblem> {
+    if len != 2 {
+        return Err(EntryProblem::Type(format!(
+            "entry must be a (token_id, logprob) pair, got a {kind} of {len}"
+        )));
+    }
+    match (get(0), get(1)) {
+        (Ok(id), Ok(logprob)) => Ok((id, logprob)),
+        _ => Err(not_a_pair(entry)),
+    }
+}
+
+/// One `(token_id, logprob)` entry.
+fn extract_entry(entry: &Bound<'_, PyAny>) -> Result<(i64, f64), EntryProblem> {
     let (id, logprob) = if let Ok(pair) = entry.cast::<PyTuple>() {
-        if pair.len() != 2 {
-            return Err((
-                true,
-                format!(
-                    "entry must be a (token_id, logprob) pair, got a tuple of {}",
-                    pair.len()
-                ),
-            ));
-        }
-        (
-            pair.get_item(0).map_err(|_| not_a_pair())?,
-            pair.get_item(1).map_err(|_| not_a_pair())?,
-        )
+        pair_items(entry, "tuple", pair.len(), |i| pair.get_item(i))?
     } else if let Ok(pair) = entry.cast::<PyList>() {
-        if pair.len() != 2 {
-            return Err((
-                true,
-                format!(
-                    "entry must be a (token_id, logprob) pair, got a list of {}",
-                    pair.len()
-                ),
-            ));
-        }
-        (
-            pair.get_item(0).map_err(|_| not_a_pair())?,
-            pair.get_item(1).map_err(|_| not_a_pair())?,
-        )
+        pair_items(entry, "list", pair.len(), |i| pair.get_item(i))?
     } else {
-        return Err(not_a_pair());
+        return Err(not_a_pair(entry));
     };
     if id.is_instance_of::<PyBool>() {
-        return Err((true, "token id must be an int, got bool".to_string()));
+        return Err(EntryProblem::Type(
+            "token id must be an int, got bool".to_string(),
+        ));
     }
     let id = match id.extract::<i64>() {
         Ok(id) => id,
         Err(err) if err.is_instance_of::<PyOverflowError>(id.py()) => {
-            return Err((
-                false,
-                format!("token id {id} is outside [0, {MAX_TOKEN_ID}]"),
-            ));
+            return Err(EntryProblem::Value(format!(
+                "token id {id} is outside [0, {MAX_TOKEN_ID}]"
+            )));
         }
         Err(_) => {
-            return Err((
-                true,
-                format!("token id must be an int, got {}", type_name(&id)),
-            ))
+            return Err(EntryProblem::Type(format!(
+                "token id must be an int, got {}",
+                type_name(&id)
+            )))
         }
     };
     if logprob.is_instance_of::<PyBool>() {
-        return Err((true, "logprob must be a float, got bool".to_string()));
+        return Err(EntryProblem::Type(
+            "logprob must be a float, got bool".to_string(),
+        ));
     }
     let logprob = logprob.extract::<f64>().map_err(|_| {
-        (
-            true,
-            format!("logprob must be a float, got {}", type_name(&logprob)),
-        )
+        EntryProblem::Type(format!(
+            "logprob must be a float, got {}",
+            type_name(&logprob)
+        ))
     })?;
     Ok((id, logprob))
 }
 
-fn stats_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict>> {
-    let dict = PyDict::new(py);
-    dict.set_item("completion_tokens", stats.completion_tokens)?;
-    dict.set_item("distilled_positions", stats.distilled_positions)?;
-    dict.set_item("skipped_positions", stats.skipped_positions)?;
-    dict.set_item("missing_teacher_rows", stats.missing_teacher_rows)?;
-    dict.set_item("vocab_emptied_positions", stats.vocab_emptied_positions)?;
-    dict.set_item("vocab_filtered_ids", stats.vocab_filtered_ids)?;
-    dict.set_item("truncated_positions", stats.truncated_positions)?;
-    dict.set_item("entropy_sum", stats.entropy_sum)?;
-    Ok(dict)
-}
+// ---------------------------------------------------------------------------------------------
+// Outputs
 
 /// Owner of a batch's dense output memory: the base object of every NumPy array viewing it, so
 /// the memory lives exactly as long as the last of those arrays.
@@ -427,7 +471,7 @@ impl OutputBuffer {
 }
 
 /// `(rows, topk)` NumPy views, one per datum, into a buffer holding the blocks back to back.
-fn views_into<'py, T: numpy::Element + crate::buffer::Zeroable>(
+fn views_into<'py, T: Element + Zeroable>(
     py: Python<'py>,
     mut buffer: ZeroedBuffer<T>,
     wrap: fn(ZeroedBuffer<T>) -> OutputStorage,
@@ -448,9 +492,7 @@ fn views_into<'py, T: numpy::Element + crate::buffer::Zeroable>(
     for &n in rows {
         let cells = n * topk;
         if offset + cells > len {
-            return Err(PyValueError::new_err(
-                "output buffer is smaller than its views (internal error)",
-            ));
+            return Err(KernelError::internal("output buffer is smaller than its views").into());
         }
         // SAFETY: `offset + cells <= len` elements starting at `base` belong to the buffer now owned
         // by `owner`, which never moves or frees them before it is dropped; `owner` becomes the base
@@ -476,16 +518,142 @@ fn csr_to_python<'py>(py: Python<'py>, targets: CsrTargets) -> PyResult<Bound<'p
         .into_pyobject(py)
 }
 
-/// Threads for a batch: `requested` when positive; otherwise one per core (at most 8) when the
-/// batch is large enough to amortize starting them.
-fn thread_count(requested: usize, total_rows: usize) -> usize {
-    if requested > 0 {
-        return requested;
+fn stats_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("completion_tokens", stats.completion_tokens)?;
+    dict.set_item("distilled_positions", stats.distilled_positions)?;
+    dict.set_item("skipped_positions", stats.skipped_positions)?;
+    dict.set_item("missing_teacher_rows", stats.missing_teacher_rows)?;
+    dict.set_item("vocab_emptied_positions", stats.vocab_emptied_positions)?;
+    dict.set_item("vocab_filtered_ids", stats.vocab_filtered_ids)?;
+    dict.set_item("truncated_positions", stats.truncated_positions)?;
+    dict.set_item("entropy_sum", stats.entropy_sum)?;
+    Ok(dict)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The batch, segment by segment
+
+/// Runs of datums with dense (or no) teachers, built in one kernel call each on several threads,
+/// and each list-view datum on its own, so the converted rows of only one datum exist at a time.
+/// Segments go in batch order, so the first error is the lowest datum's.
+fn segments(guards: &[DatumGuard<'_>]) -> Vec<Range<usize>> {
+    let mut segments: Vec<Range<usize>> = Vec::new();
+    for (index, guard) in guards.iter().enumerate() {
+        match segments.last_mut() {
+            Some(last)
+                if !guard.is_list() && !guards.get(last.start).is_some_and(DatumGuard::is_list) =>
+            {
+                last.end = index + 1
+            }
+            _ => segments.push(index..index + 1),
+        }
     }
-    if total_rows < 4_096 {
-        return 1;
+    segments
+}
+
+/// The kernel's views of a segment's datums; a list-view datum's rows are converted first.
+fn segment_inputs<'a>(
+    guards: &'a [DatumGuard<'_>],
+    segment: &Range<usize>,
+    config: &Config,
+    gathered: &'a mut GatheredRows,
+) -> PyResult<Vec<DatumInput<'a>>> {
+    let Some(segment_guards) = guards.get(segment.clone()) else {
+        return Err(KernelError::internal("segment out of range").into());
+    };
+    if let Some(guard) = segment_guards.first() {
+        if let TeacherGuard::List(list) = &guard.teacher {
+            gather_list_rows(segment.start, guard, list, config, gathered)?;
+        }
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    let gathered: &'a GatheredRows = gathered;
+    let inputs = segment_guards
+        .iter()
+        .zip(segment.clone())
+        .map(|(guard, index)| guard.view(index, gathered))
+        .collect::<Result<_, _>>()?;
+    Ok(inputs)
+}
+
+/// Builds the CSR parts of every datum: a `(crow, col, target_tokens, weights)` tuple each.
+fn build_sparse<'py>(
+    py: Python<'py>,
+    guards: &[DatumGuard<'_>],
+    config: &Config,
+    threads: usize,
+) -> PyResult<(Bound<'py, PyList>, Stats)> {
+    let result = PyList::empty(py);
+    let mut stats = Stats::default();
+    let mut gathered = GatheredRows::default();
+    for segment in segments(guards) {
+        let inputs = segment_inputs(guards, &segment, config, &mut gathered)?;
+        let (outputs, segment_stats) =
+            py.detach(|| build_csr_batch(&inputs, segment.start, config, threads))?;
+        stats.add(&segment_stats);
+        for targets in outputs {
+            result.append(csr_to_python(py, targets)?)?;
+        }
+    }
+    Ok((result, stats))
+}
+
+/// Builds every datum's `(N, topk)` blocks into one zero-filled buffer per tensor kind, and
+/// returns a `(target_tokens, weights)` pair of views per datum.
+fn build_dense<'py>(
+    py: Python<'py>,
+    guards: &[DatumGuard<'_>],
+    config: &Config,
+    threads: usize,
+) -> PyResult<(Bound<'py, PyList>, Stats)> {
+    let rows: Vec<usize> = guards.iter().map(DatumGuard::rows).collect();
+    let offsets = dense_block_offsets(&rows, config.topk)?;
+    let cells = offsets.last().copied().unwrap_or(0);
+    let (mut target_tokens, mut weights) = py.detach(|| {
+        Ok::<_, KernelError>((
+            ZeroedBuffer::<i64>::new(cells, "the batch's (N, topk) int64 target_tokens")?,
+            ZeroedBuffer::<f32>::new(cells, "the batch's (N, topk) float32 weights")?,
+        ))
+    })?;
+    let mut stats = Stats::default();
+    let mut gathered = GatheredRows::default();
+    for segment in segments(guards) {
+        let inputs = segment_inputs(guards, &segment, config, &mut gathered)?;
+        let block = match (offsets.get(segment.start), offsets.get(segment.end)) {
+            (Some(&start), Some(&end)) => start..end,
+            _ => return Err(KernelError::internal("segment past the output offsets").into()),
+        };
+        let (Some(tokens_block), Some(weights_block)) = (
+            target_tokens.as_mut_slice().get_mut(block.clone()),
+            weights.as_mut_slice().get_mut(block),
+        ) else {
+            return Err(KernelError::internal("output blocks out of range").into());
+        };
+        let segment_stats = py.detach(|| {
+            build_dense_batch(
+                &inputs,
+                segment.start,
+                config,
+                tokens_block,
+                weights_block,
+                threads,
+            )
+        })?;
+        stats.add(&segment_stats);
+    }
+    let result = PyList::empty(py);
+    let token_arrays = views_into(
+        py,
+        target_tokens,
+        OutputStorage::TargetTokens,
+        &rows,
+        config.topk,
+    )?;
+    let weight_arrays = views_into(py, weights, OutputStorage::Weights, &rows, config.topk)?;
+    for (tokens, weights) in token_arrays.into_iter().zip(weight_arrays) {
+        result.append((tokens, weights))?;
+    }
+    Ok((result, stats))
 }
 
 /// Builds the `(N, K)` targets of a batch.
@@ -510,179 +678,20 @@ fn build_topk_batch<'py>(
     sparse: bool,
     threads: usize,
 ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyDict>)> {
-    let config = Config::new(topk, vocab_size, skip_first_n, weight_scale).map_err(kernel_error)?;
-
-    let mut guards = Vec::with_capacity(datums.len());
-    for (index, item) in datums.iter().enumerate() {
-        let fields = item
-            .cast::<PyTuple>()
-            .map_err(|_| type_error(index, ITEM_SHAPE))?;
-        if fields.len() != 4 {
-            return Err(type_error(index, ITEM_SHAPE));
-        }
-        let mask = extract_mask(index, &fields.get_item(0)?)?;
-        let completion_len = extract_count(index, "completion_len", &fields.get_item(1)?)?;
-        let teacher_prompt_len = extract_count(index, "teacher_prompt_len", &fields.get_item(2)?)?;
-        let teacher = fields.get_item(3)?;
-        let teacher = if teacher.is_none() {
-            TeacherGuard::Missing
-        } else if let Ok(rows) = teacher.cast::<PyList>() {
-            TeacherGuard::List(rows.clone())
-        } else if let Ok(pair) = teacher.cast::<PyTuple>() {
-            extract_dense_teacher(index, pair)?
-        } else {
-            return Err(type_error(
-                index,
-                format!(
-                    "teacher must be None, a list of rows or a (token_ids, logprobs) tuple, got {}",
-                    type_name(&teacher)
-                ),
-            ));
-        };
-        guards.push(DatumGuard {
-            mask,
-            completion_len,
-            teacher_prompt_len,
-            teacher,
-        });
-    }
-    let rows: Vec<usize> = guards
+    let config = Config::new(topk, vocab_size, skip_first_n, weight_scale)?;
+    let guards = datums
         .iter()
-        .map(|guard| guard.mask.as_array().len())
-        .collect();
-    let threads = thread_count(threads, rows.iter().sum());
-
-    // Runs of datums with dense (or no) teachers are built in one call each, on several threads;
-    // a list-view datum is converted and built on its own, so the converted rows of only one
-    // datum exist at a time. Runs go in batch order: the first error is the lowest datum's.
-    let mut segments: Vec<Range<usize>> = Vec::new();
-    for (index, guard) in guards.iter().enumerate() {
-        match segments.last_mut() {
-            Some(last)
-                if !guard.is_list() && !guards.get(last.start).is_some_and(DatumGuard::is_list) =>
-            {
-                last.end = index + 1
-            }
-            _ => segments.push(index..index + 1),
-        }
-    }
-    let mut gathered = GatheredRows::default();
-    let result = PyList::empty(py);
-    let mut stats = Stats::default();
-    if sparse {
-        for segment in &segments {
-            prepare_segment(&guards, segment, &config, &mut gathered)?;
-            let inputs = segment_views(&guards, segment, &gathered)?;
-            let (outputs, segment_stats) = py
-                .detach(|| build_csr_batch(&inputs, segment.start, &config, threads))
-                .map_err(kernel_error)?;
-            stats.add(&segment_stats);
-            for targets in outputs {
-                result.append(csr_to_python(py, targets)?)?;
-            }
-        }
+        .enumerate()
+        .map(|(index, item)| extract_datum(index, &item))
+        .collect::<PyResult<Vec<_>>>()?;
+    let threads = thread_count(threads, guards.iter().map(DatumGuard::rows).sum());
+    let (outputs, stats) = if sparse {
+        build_sparse(py, &guards, &config, threads)?
     } else {
-        let mut offsets = Vec::with_capacity(rows.len() + 1);
-        offsets.push(0usize);
-        for (index, &n) in rows.iter().enumerate() {
-            let cells = n
-                .checked_mul(config.topk)
-                .and_then(|cells| cells.checked_add(offsets[index]));
-            offsets.push(
-                cells.ok_or_else(|| value_error(index, "the (N, topk) output is too large"))?,
-            );
-        }
-        let cells = offsets.last().copied().unwrap_or(0);
-        let (mut target_tokens, mut weights) = py
-            .detach(|| {
-                Ok::<_, String>((
-                    ZeroedBuffer::<i64>::new(cells, "the batch's (N, topk) int64 target_tokens")?,
-                    ZeroedBuffer::<f32>::new(cells, "the batch's (N, topk) float32 weights")?,
-                ))
-            })
-            .map_err(PyValueError::new_err)?;
-        for segment in &segments {
-            prepare_segment(&guards, segment, &config, &mut gathered)?;
-            let inputs = segment_views(&guards, segment, &gathered)?;
-            let block = offsets[segment.start]..offsets[segment.end];
-            let (Some(tokens_block), Some(weights_block)) = (
-                target_tokens.as_mut_slice().get_mut(block.clone()),
-                weights.as_mut_slice().get_mut(block),
-            ) else {
-                return Err(PyValueError::new_err(
-                    "output blocks out of range (internal error)",
-                ));
-            };
-            let segment_stats = py
-                .detach(|| {
-                    build_dense_batch(
-                        &inputs,
-                        segment.start,
-                        &config,
-                        tokens_block,
-                        weights_block,
-                        threads,
-                    )
-                })
-                .map_err(kernel_error)?;
-            stats.add(&segment_stats);
-        }
-        let token_arrays = views_into(
-            py,
-            target_tokens,
-            OutputStorage::TargetTokens,
-            &rows,
-            config.topk,
-        )?;
-        let weight_arrays = views_into(py, weights, OutputStorage::Weights, &rows, config.topk)?;
-        for (tokens, weights) in token_arrays.into_iter().zip(weight_arrays) {
-            result.append((tokens, weights))?;
-        }
-    }
-    Ok((result, stats_dict(py, &stats)?))
-}
-
-/// Converts the list-view teacher of a one-datum list segment into `gathered`.
-fn prepare_segment(
-    guards: &[DatumGuard<'_>],
-    segment: &Range<usize>,
-    config: &Config,
-    gathered: &mut GatheredRows,
-) -> PyResult<()> {
-    if let Some(guard) = guards.get(segment.start) {
-        if let TeacherGuard::List(list) = &guard.teacher {
-            gather_list_rows(
-                segment.start,
-                list,
-                &guard.mask,
-                guard.completion_len,
-                guard.teacher_prompt_len,
-                config,
-                gathered,
-            )?;
-        }
-    }
-    Ok(())
-}
-
-fn segment_views<'a>(
-    guards: &'a [DatumGuard<'_>],
-    segment: &Range<usize>,
-    gathered: &'a GatheredRows,
-) -> PyResult<Vec<DatumInput<'a>>> {
-    let Some(segment_guards) = guards.get(segment.clone()) else {
-        return Err(PyValueError::new_err(
-            "segment out of range (internal error)",
-        ));
+        build_dense(py, &guards, &config, threads)?
     };
-    segment_guards
-        .iter()
-        .zip(segment.clone())
-        .map(|(guard, index)| guard.view(index, gathered))
-        .collect()
+    Ok((outputs, stats_dict(py, &stats)?))
 }
-
-const ITEM_SHAPE: &str = "expected a (mask, completion_len, teacher_prompt_len, teacher) tuple";
 
 #[pymodule]
 fn _kernel(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -8,6 +8,7 @@ value that is out of range, of the wrong shape or inconsistent.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -448,6 +449,83 @@ def test_all_sentinel_rows_are_missing():
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         batch(None, **kwargs)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+WEIGHT_SCALE_LIMIT = (
+    "weight_scale must be at most 3.4028234663852886e38 (the largest float32: weights are "
+    "float32), got "
+)
+
+
+@pytest.mark.parametrize(
+    ("weight_scale", "shown"),
+    [
+        (1e39, "1e39"),
+        (float(np.nextafter(FLOAT32_MAX, math.inf)), "3.402823466385289e38"),
+        (1.7976931348623157e308, "1.7976931348623157e308"),
+    ],
+)
+def test_weight_scale_beyond_float32_is_rejected_not_turned_into_inf_weights(weight_scale, shown):
+    # Defect #28: finite as a float64, but every weight of a probability-1 entry became inf.
+    with pytest.raises(ValueError, match=re.escape(WEIGHT_SCALE_LIMIT + shown)):
+        batch(dense_teacher(), weight_scale=weight_scale)
+    with pytest.raises(ValueError, match=re.escape(WEIGHT_SCALE_LIMIT + shown)):
+        batch(list_teacher((7, -0.5)), weight_scale=weight_scale, sparse=True)
+
+
+def test_the_largest_float32_weight_scale_gives_finite_weights():
+    rows = [[(3 * r, -1.1), (3 * r + 1, -1.2), (3 * r + 2, -2.3)] for r in range(9)]
+    rows[6] = [(42, -0.25)]  # completion position 1: all the mass on one entry
+    rows[7] = [(1, -0.5), (2, -0.5)]  # completion position 2: two equal entries
+    for sparse in (False, True):
+        datums, _ = batch(rows, weight_scale=FLOAT32_MAX, sparse=sparse, topk=3)
+        weights = datums[1].loss_fn_inputs["weights"].to_numpy()
+        assert np.all(np.isfinite(weights)) and weights.max() == np.float32(FLOAT32_MAX)
+        if not sparse:
+            np.testing.assert_array_equal(weights[3], [FLOAT32_MAX, 0, 0])
+            np.testing.assert_array_equal(weights[4], [FLOAT32_MAX / 2, FLOAT32_MAX / 2, 0])
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(2**64, "18446744073709551616"), (2**63, "9223372036854775808"), (-(2**70), str(-(2**70)))],
+)
+def test_counts_beyond_int64_are_out_of_range_values_not_type_errors(value, shown):
+    # Defect #28: an int >= 2**63 was reported as "must be an int, got int".
+    mask = np.ones(3, np.float32)
+    common = dict(topk=2, vocab_size=None, skip_first_n=0, weight_scale=1.0, sparse=False)
+    for name, item in (
+        ("completion_len", (mask, value, 0, None)),
+        ("teacher_prompt_len", (mask, 3, value, None)),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(f"datum 0: {name} must be a non-negative int below 2**63, got {shown}"),
+        ):
+            _kernel.build_topk_batch([item], **common)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"datum 1: teacher_prompt_len must be a non-negative int below 2**63, got {shown}"
+        ),
+    ):
+        sdft.build_topk_targets(
+            student_data=[
+                sdft.student_datum_from_rollout(
+                    prompt=tinker.ModelInput.from_ints([1]), completion_tokens=[3, 4]
+                )
+            ]
+            * 2,
+            completion_slices=[
+                sdft.CompletionSlice([3, 4], 1),
+                sdft.CompletionSlice([3, 4], value),
+            ],
+            teacher_topk_logprobs=[None, None],
+        )
+    # The largest accepted count: far beyond every teacher, so nothing is read.
+    datums, metrics = _kernel.build_topk_batch([(mask, 3, 2**63 - 1, [])], **common)
+    assert metrics["missing_teacher_rows"] == 3 and not datums[0][1].any()
 
 
 def test_huge_arguments_that_mean_no_limit_are_accepted():
