@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from sdft.checkpoints import read_checkpoints
 from sdft.config import load_config
 from sdft.loop import (
+    DivergedError,
     RunDirectoryError,
     Trainer,
     learning_rate_at,
@@ -20,7 +22,17 @@ from sdft.loop import (
     split_evenly,
     train,
 )
-from support import CAPITALS, TINY, local_service, recorded_run, rows_of, write_config
+from support import (
+    CAPITALS,
+    TINY,
+    Recorder,
+    RecordingService,
+    RecordingTrainer,
+    local_service,
+    recorded_run,
+    rows_of,
+    write_config,
+)
 
 # --- pure helpers -----------------------------------------------------------------------------
 
@@ -357,3 +369,63 @@ def test_weights_of_topk_datums_are_teacher_distributions(tmp_path: Path) -> Non
         used = sums > 0
         assert np.allclose(sums[used], 1.0, atol=1e-5)
         assert weights.shape[1] == 5
+
+
+class NanLossTrainer(RecordingTrainer):
+    """Reports a NaN ``loss:sum`` for the ``nan_at``-th forward-backward (a diverged step)."""
+
+    def __init__(self, inner: Any, recorder: Recorder, nan_at: int) -> None:
+        super().__init__(inner, recorder)
+        self.nan_at = nan_at
+
+    def forward_backward(self, data, loss_fn, loss_fn_config=None):
+        future = super().forward_backward(data, loss_fn, loss_fn_config)
+        if len(self.recorder.forward_backward) == self.nan_at:
+
+            def diverged(output: Any) -> Any:
+                output.metrics["loss:sum"] = float("nan")
+                return output
+
+            future.wrap = diverged
+        return future
+
+
+class NanLossService(RecordingService):
+    def __init__(self, inner: Any, recorder: Recorder, nan_at: int) -> None:
+        super().__init__(inner, recorder)
+        self.nan_at = nan_at
+
+    def _training(self, method: str, *args, **kwargs):
+        future = super()._training(method, *args, **kwargs)
+        future.wrap = lambda client: NanLossTrainer(client, self.recorder, self.nan_at)
+        return future
+
+
+def test_a_non_finite_loss_fails_the_run_naming_the_step(tmp_path: Path) -> None:
+    config = load_config(
+        write_config(tmp_path, params={"max_steps": 3, "save_every": 1}, benchmarks=[])
+    )
+    service = NanLossService(local_service(config), Recorder(), nan_at=2)
+    with pytest.raises(
+        DivergedError, match=r"^step 2: the loss is not finite \(train/loss_sum = nan\)"
+    ):
+        train(config, service_client=service, progress=False)
+    out = config.output_dir
+    summary = (out / "summary.md").read_text()
+    assert "- Status: **failed**" in summary
+    assert "- Error: DivergedError: step 2: the loss is not finite" in summary
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert math.isnan(rows[1]["metrics"]["train/loss_sum"])
+    assert [r.step for r in read_checkpoints(out)] == [1]
+
+    allowed = load_config(
+        write_config(
+            tmp_path, params={"max_steps": 3, "save_every": 1}, benchmarks=[], output_dir="out2"
+        )
+    )
+    service = NanLossService(local_service(allowed), Recorder(), nan_at=2)
+    result = train(allowed, service_client=service, progress=False, allow_nan=True)
+    assert result.status == "completed" and result.steps_completed == 3
+    losses = [r["metrics"]["train/loss_sum"] for r in rows_of(allowed.output_dir)]
+    assert math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
