@@ -660,7 +660,8 @@ def _raise_problems(
     raise ConfigError("\n".join(messages))
 
 
-def _read_config_text(path: Path) -> str:
+def read_config_text(path: Path) -> str:
+    """The text of a YAML file; non-UTF-8 bytes raise :class:`ConfigError` naming file and line."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
@@ -700,7 +701,7 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = _read_config_text(path)
+    text = read_config_text(path)
     raw = load_yaml(text, str(path))
     config = parse_config(raw, source=str(path), base_dir=path.parent, text=text)
     _raise_problems(filesystem_problems(config), str(path), text)
