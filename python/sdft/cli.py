@@ -124,16 +124,17 @@ def _benchmark_check(entry) -> Check:
 
 
 def _backend_check(config) -> Check:
-    from sdft.backends.remote import API_KEY_ENV, resolve_base_url
+    from sdft.backends.remote import API_KEY_ENV, credential_source, resolve_base_url
 
     if config.backend.kind == "tinker":
-        if not os.environ.get(API_KEY_ENV, "").strip():
+        source = credential_source()
+        if source is None:
             return Check("backend", "FAIL", f"tinker: {API_KEY_ENV} is not set")
+        found = f"{API_KEY_ENV} is set" if source == API_KEY_ENV else f"credential from {source}"
         return Check(
             "backend",
             "ok",
-            f"tinker at {resolve_base_url(config.backend.base_url)}; {API_KEY_ENV} is set "
-            "(value not shown)",
+            f"tinker at {resolve_base_url(config.backend.base_url)}; {found} (value not shown)",
         )
     device = config.backend.device
     if device.startswith("cuda"):

@@ -1,11 +1,14 @@
 """The real Tinker service, with fast failure where the SDK alone would block or be vague.
 
 ``tinker.ServiceClient`` does no I/O when constructed; its first ``create_*`` call fails at once
-without a key but blocks for about six minutes (layered retries) when the service cannot be
-reached. :func:`create_service_client` therefore checks, before building the client, that
-``TINKER_API_KEY`` is set and that the host of the base URL accepts a TCP connection within a few
-seconds. Errors during a run (rate limits, 5xx, dropped connections) are left to the SDK's own
-retries. The key is never printed or logged.
+without a credential but blocks for about six minutes (layered retries) when the service cannot be
+reached. :func:`create_service_client` therefore checks, before building the client, that the SDK
+will find a credential and that the host of the base URL accepts a TCP connection within a few
+seconds. A credential is what the SDK itself accepts (``tinker/lib/internal_client_holder.py`` and
+``_auth_token_provider.py``), in its order: ``TINKER_API_KEY``, then ``TINKER_CREDENTIAL_CMD`` (a
+command printing a credential), then the default key stored by ``tinker auth login``
+(``~/.tinker/credentials.json``). Errors during a run (rate limits, 5xx, dropped connections) are
+left to the SDK's own retries. No credential is ever printed or logged.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from urllib.parse import urlsplit
 
 API_KEY_ENV = "TINKER_API_KEY"
+CREDENTIAL_CMD_ENV = "TINKER_CREDENTIAL_CMD"
 BASE_URL_ENV = "TINKER_BASE_URL"
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 
@@ -33,14 +38,47 @@ def resolve_base_url(base_url: str | None, env: Mapping[str, str] | None = None)
     return (base_url or env.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
 
 
-def check_api_key(env: Mapping[str, str] | None = None) -> None:
-    """Raise :class:`TinkerUnavailableError` naming ``TINKER_API_KEY`` when it is not set."""
+def stored_api_key(path: Path | None = None) -> str | None:
+    """The default key stored by ``tinker auth login`` (``~/.tinker/credentials.json``), or None.
+
+    An unreadable file counts as none (the SDK would fail on it later with its own message)."""
+    from tinker.lib.credentials import JsonCredentialStore, default_credentials_path
+
+    try:
+        record = JsonCredentialStore(path or default_credentials_path()).get_default_key()
+    except Exception:
+        return None
+    return record.key.strip() if record is not None and record.key.strip() else None
+
+
+def credential_source(
+    env: Mapping[str, str] | None = None, credentials_path: Path | None = None
+) -> str | None:
+    """Where the SDK will take its credential from (``TINKER_API_KEY``,
+    ``TINKER_CREDENTIAL_CMD`` or the stored key), or None when there is none. Never the value."""
     env = os.environ if env is None else env
-    if not env.get(API_KEY_ENV, "").strip():
+    if env.get(API_KEY_ENV, "").strip():
+        return API_KEY_ENV
+    if env.get(CREDENTIAL_CMD_ENV, "").strip():
+        return CREDENTIAL_CMD_ENV
+    if stored_api_key(credentials_path) is not None:
+        return "the key stored by `tinker auth login`"
+    return None
+
+
+def check_api_key(
+    env: Mapping[str, str] | None = None, credentials_path: Path | None = None
+) -> str:
+    """The credential's source (see :func:`credential_source`); raises
+    :class:`TinkerUnavailableError` naming every accepted source when there is none."""
+    source = credential_source(env, credentials_path)
+    if source is None:
         raise TinkerUnavailableError(
-            f"{API_KEY_ENV} is not set: backend.kind: tinker needs a Tinker API key "
-            f"(export {API_KEY_ENV}=..., or use backend.kind: local to train offline)"
+            f"{API_KEY_ENV} is not set: backend.kind: tinker needs a Tinker credential (export "
+            f"{API_KEY_ENV}=..., set {CREDENTIAL_CMD_ENV} to a command that prints one, or run "
+            "`tinker auth login`; or use backend.kind: local to train offline)"
         )
+    return source
 
 
 def _resolve_host(host: str, port: int, timeout: float) -> list[tuple]:
@@ -111,16 +149,23 @@ def create_service_client(
     *,
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT_S,
     env: Mapping[str, str] | None = None,
+    credentials_path: Path | None = None,
 ):
-    """A ``tinker.ServiceClient`` for ``base_url``, after checking the key and reachability."""
+    """A ``tinker.ServiceClient`` for ``base_url``, after checking the credential and
+    reachability. ``TINKER_API_KEY`` and a stored key are passed to the SDK explicitly; a
+    ``TINKER_CREDENTIAL_CMD`` is run by the SDK itself (from ``os.environ``)."""
     env = os.environ if env is None else env
-    check_api_key(env)
+    source = check_api_key(env, credentials_path)
     url = resolve_base_url(base_url, env)
     probe(url, timeout=probe_timeout)
     import tinker
 
     from sdft.redact import register_secret
 
-    api_key = env[API_KEY_ENV].strip()
+    api_key: str | None = None
+    if source == API_KEY_ENV:
+        api_key = env[API_KEY_ENV].strip()
+    elif source != CREDENTIAL_CMD_ENV:
+        api_key = stored_api_key(credentials_path)
     register_secret(api_key)  # redacted from every message even when not from os.environ
     return tinker.ServiceClient(base_url=url, api_key=api_key)
