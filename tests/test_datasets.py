@@ -21,6 +21,7 @@ from sdft.datasets import (
     load_examples,
     load_hf_examples,
     load_jsonl_examples,
+    load_located_examples,
     validate_field_mapping,
 )
 
@@ -544,3 +545,38 @@ def test_simple_dataset_from_jsonl_and_from_source(tmp_path: Path) -> None:
         [SDFTExample("q", "a", "x"), {"question": "r", "golden_answer": "b"}]
     )
     assert mixed == [SDFTExample("q", "a", "x"), SDFTExample("r", "b", "1")]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"question": "q\\ud800", "golden_answer": "a"}',
+            r"bad\.jsonl:2: contains a lone surrogate \\ud800, which is not valid Unicode text",
+        ),
+        (
+            '{"id": ' + "9" * 5000 + ', "question": "q", "golden_answer": "a"}',
+            r"bad\.jsonl:2: unreadable JSON value \(Exceeds the limit \(4300 digits\)",
+        ),
+        ("[" * 100_000 + "]" * 100_000, r"bad\.jsonl:2: JSON nested too deeply to read"),
+        ("42", r"bad\.jsonl:2: expected a JSON object, got int$"),
+    ],
+)
+def test_unreadable_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q0", "golden_answer": "a0"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_jsonl_examples(path)
+
+
+def test_located_examples_carry_the_row_location(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"question": "q1", "golden_answer": "a1"}\n\n{"question": "q2", "golden_answer": "a2"}\n'
+    )
+    located = load_located_examples(path)
+    assert [(where, example.question) for where, example in located] == [
+        (f"{path}:1:", "q1"),
+        (f"{path}:3:", "q2"),
+    ]
+    assert [example for _, example in located] == load_examples(path)

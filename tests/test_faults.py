@@ -113,3 +113,22 @@ def test_disk_full_mid_run_then_resume_loses_and_doubles_nothing(
         ("000004", 4, True),
     ]
     assert all(r.state_path and r.sampler_path for r in records)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("42", "checkpoints.jsonl:2: expected a JSON object, got integer"),
+        ("[" * 100_000 + "]" * 100_000, "checkpoints.jsonl:2: JSON nested too deeply to read"),
+        ('{"name": "x", "step": ' + "1" * 5000 + "}", "checkpoints.jsonl:2: unreadable JSON value"),
+    ],
+)
+def test_a_malformed_checkpoint_index_row_is_named_by_file_and_line(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    (tmp_path / "checkpoints.jsonl").write_text(
+        '{"name": "000002", "batch": 2, "step": 2, "final": false}\n' + line + "\n"
+    )
+    with pytest.raises(ValueError) as info:
+        read_checkpoints(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / message}")
