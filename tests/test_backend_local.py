@@ -756,3 +756,32 @@ def test_inverse_cdf_sampling_is_exact_over_a_large_vocabulary() -> None:
     assert ends[0] == int(torch.nonzero(probs[0])[0]) and ends[1] == int(
         torch.nonzero(probs[0])[-1]
     )
+
+
+def test_deprecated_async_shims_forward_to_the_clients(local_service: Any) -> None:
+    datum = random_datum(np.random.default_rng(9), 6)
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    params = types.SamplingParams(max_tokens=2, temperature=0.0)
+
+    async def run() -> tuple[Any, ...]:
+        client = await local_service.create_lora_training_client_async(
+            TINY_RANDOM_MODEL, rank=2, seed=0
+        )
+        # training shims give the future (a second await gives the result), as in the SDK
+        forward = await (await client.forward_async([datum], "cross_entropy"))
+        direct = client.forward([datum], "cross_entropy").result()
+        sampler = await client.save_weights_and_get_sampling_client_async()
+        sampled = await sampler.sample_async(prompt, 1, params)
+        logprobs = await sampler.compute_logprobs_async(prompt)
+        info = await client.get_info_async()
+        return client, forward, direct, sampler, sampled, logprobs, info
+
+    client, forward, direct, sampler, sampled, logprobs, info = asyncio.run(run())
+    assert forward.metrics == direct.metrics
+    assert (
+        sampled.sequences[0].tokens
+        == sampler.sample(prompt, 1, params).result().sequences[0].tokens
+    )
+    assert logprobs == sampler.compute_logprobs(prompt).result()
+    assert info.model_id == client.model_id and info.lora_rank == 2
+    assert asyncio.run(sampler.get_base_model_async()) == TINY_RANDOM_MODEL
