@@ -10,7 +10,9 @@
 - ``plot.png``: loss and every benchmark metric over steps (:mod:`sdft.plots`).
 
 Every file is written atomically (:mod:`sdft._atomic`); ``metrics.jsonl`` is appended line by line
-and rewritten atomically when a resumed run drops the rows of steps it will redo.
+and rewritten atomically when a resumed run drops the rows of steps it will redo. Non-finite
+metric values are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (JSON has no
+such numbers) and read back as floats. File names come from :mod:`sdft.runfiles`.
 """
 
 from __future__ import annotations
