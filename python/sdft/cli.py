@@ -7,6 +7,7 @@ status 1 when a check fails. ``SDFT_DEBUG=1`` (or ``--debug``) shows the traceba
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import traceback
@@ -67,7 +68,7 @@ def run_checks(config_path: Path, *, deep: bool) -> list[Check]:
         checks.append(_guarded("templates", lambda: _template_check(config, located)))
     for entry in config.metadata.benchmark:
         checks.append(
-            _guarded(f"benchmark {entry.name}", lambda entry=entry: _benchmark_check(entry))
+            _guarded(f"benchmark {entry.name}", functools.partial(_benchmark_check, entry))
         )
     if not config.metadata.benchmark:
         checks.append(Check("benchmarks", "warn", "none configured (metadata.benchmark)"))

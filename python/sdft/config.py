@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -496,7 +497,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
+        field = current.model_fields.get(part) if _is_model(current) else None
         if field is None:
             return None
         annotation = field.annotation
@@ -505,7 +506,11 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
         if not nested:
             return None
         current = nested[0]
-    return sorted(current.model_fields) if isinstance(current, type) else None
+    return sorted(current.model_fields) if _is_model(current) else None
+
+
+def _is_model(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
 
 
 _TYPE_WORDS = {
@@ -528,7 +533,7 @@ def _yaml_kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _friendly(error: dict[str, Any]) -> str:
+def _friendly(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "required key is missing"
@@ -555,7 +560,7 @@ def capability_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
     if config.backend.kind != "tinker":
         return []
     params = config.params
-    problems = []
+    problems: list[tuple[tuple[str, ...], str]] = []
     if params.full_finetune:
         problems.append(
             (
@@ -584,7 +589,7 @@ def capability_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
 def consistency_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
     """Settings that are valid one by one but not together: ``[(key path, message), ...]``."""
     params = config.params
-    problems = []
+    problems: list[tuple[tuple[str, ...], str]] = []
     if config.algorithm.kind == "sdft" and params.skip_first_n >= params.max_tokens:
         problems.append(
             (
@@ -685,11 +690,12 @@ def _directory_problem(target: Path) -> str | None:
 
 def filesystem_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
     """Run directories that cannot be used: ``[(key path, message), ...]``."""
-    problems = []
-    for loc, target in (
+    problems: list[tuple[tuple[str, ...], str]] = []
+    candidates: list[tuple[tuple[str, ...], Path | None]] = [
         (("output_dir",), config.output_dir),
         (("backend", "checkpoint_root"), config.backend.checkpoint_root),
-    ):
+    ]
+    for loc, target in candidates:
         problem = _directory_problem(target) if target is not None else None
         if problem:
             problems.append((loc, problem))
