@@ -3,7 +3,8 @@
 # walkthrough offline on the embedded SmolLM2-135M-Instruct: validation, the SDFT run, the SFT
 # baseline on the same data, and a side-by-side comparison. Prints where every output is.
 # Re-running starts both runs over (--overwrite). Extra arguments go to both `sdft train` calls
-# (e.g. --max-steps 4 for a quick look).
+# (e.g. --max-steps 4 for a quick look). Only sdft's own lines are printed; SDFT_DEBUG=1 shows the
+# libraries' progress bars, warnings and logs too.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SDFT_VENV:-$HOME/.venvs/sdft}"
