@@ -85,7 +85,10 @@ def test_keep_steps_up_to_drops_later_rows_and_a_torn_line(tmp_path: Path) -> No
 def test_malformed_metrics_row_names_file_and_line(tmp_path: Path) -> None:
     log = RunLog(tmp_path)
     log.metrics_path.write_text('{"step": 1, "split": "train", "metrics": {}}\n{"step": "x"}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a \{step, split, metrics\} row"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: 'step' must be integer, got string$"):
+        log.read_metrics()
+    log.metrics_path.write_text('{"step": 1, "split": "train"}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:1: missing key 'metrics'$"):
         log.read_metrics()
 
 

@@ -95,11 +95,7 @@ class RunLog:
         rows = _atomic.read_jsonl(
             self.metrics_path, required_keys={"step": int, "split": str, "metrics": dict}
         )
-        for number, row in enumerate(rows, start=1):
-            if not isinstance(row.get("step"), int) or not isinstance(row.get("metrics"), dict):
-                raise ValueError(
-                    f"{self.metrics_path}:{number}: not a {{step, split, metrics}} row"
-                )
+        for row in rows:
             row["metrics"] = {key: _read_number(value) for key, value in row["metrics"].items()}
         return rows
 
