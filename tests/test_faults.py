@@ -132,3 +132,24 @@ def test_a_malformed_checkpoint_index_row_is_named_by_file_and_line(
     with pytest.raises(ValueError) as info:
         read_checkpoints(tmp_path)
     assert str(info.value).startswith(f"{tmp_path / message}")
+
+
+def test_a_project_copied_with_cp_a_resumes_in_its_new_folder(tmp_path: Path) -> None:
+    import shutil
+
+    bench = [{"name": "val", "path": "data/val", "run_every": 2, "metrics": ["pass@1"]}]
+    first = tmp_path / "first"
+    first.mkdir()
+    config = load_config(
+        write_config(first, params={"max_steps": 2, "save_every": 2}, benchmarks=bench)
+    )
+    train(config, service_client=local_service(config), progress=False)
+    shutil.copytree(first, tmp_path / "second", symlinks=True)  # cp -a
+    shutil.rmtree(first)  # moved, not copied: nothing may still point at the old folder
+
+    moved = load_config(tmp_path / "second" / "config.yaml")
+    moved.algorithm.params.max_steps = 4
+    result = train(moved, resume=True, service_client=local_service(moved), progress=False)
+    assert result.status == "completed" and result.steps_completed == 4
+    _each_step_once(moved.output_dir, 4)
+    assert [r.step for r in read_checkpoints(moved.output_dir)] == [2, 4]
