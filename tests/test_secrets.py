@@ -128,3 +128,19 @@ def test_api_key_echoed_by_the_server_is_not_printed_or_saved(
     for output in (captured.out, captured.err, summary):
         assert key not in output
         assert "SECRET" not in output and "key+77" not in output
+
+
+def test_installed_redaction_covers_handlers_configured_later(monkeypatch) -> None:
+    monkeypatch.setattr(redaction, "_factory_installed", False)
+    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())
+    redaction.install_log_redaction()
+    redaction.install_log_redaction()  # idempotent: one wrapper
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # added after the installation, no filter
+    logger = logging.getLogger("uvicorn.test_secrets")
+    logger.addHandler(handler)
+    try:
+        logger.error("echo %s", f"Authorization: Bearer {KEY}")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "echo Authorization: Bearer [REDACTED]\n"

@@ -9,7 +9,8 @@ exceptions carry those bodies into their messages. :func:`redact` removes, from 
 * the value of an ``X-API-Key`` or ``Authorization`` header (``Bearer``/``Basic`` scheme kept),
   in the forms ``Header: value``, ``'Header': 'value'`` and ``header=value``.
 
-The CLI's error output, ``summary.md`` and log records (:class:`RedactingFilter`) pass through it.
+The CLI's error output, ``summary.md`` and log records (:func:`install_log_redaction`) pass
+through it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 #: Environment variables whose values are secrets.
 SECRET_ENV_VARS = ("TINKER_API_KEY", "SDFT_SERVE_API_KEY")
@@ -66,31 +68,44 @@ def redact(text: str, *, extra: Iterable[str] = (), env: Mapping[str, str] | Non
     return _TINKER_KEY.sub(REDACTED, text)
 
 
+def _redact_record(record: logging.LogRecord) -> None:
+    message = record.getMessage()
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+
+
 class RedactingFilter(logging.Filter):
-    """A logging filter that redacts each record's formatted message (and its traceback text)."""
+    """A logging filter that redacts each record's message (and its traceback text)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+        _redact_record(record)
         return True
 
 
-def install_log_redaction(logger: logging.Logger | None = None) -> None:
-    """Add a :class:`RedactingFilter` to every handler of ``logger`` (default: the root logger)
-    and to the ``lastResort`` handler, once each."""
-    target = logger or logging.getLogger()
-    handlers = list(target.handlers)
-    if logging.lastResort is not None:
-        handlers.append(logging.lastResort)
-    for handler in handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+_factory_installed = False
+
+
+def install_log_redaction() -> None:
+    """Redact every log record of this process when it is created, whichever logger and handler
+    (also those configured later, e.g. by uvicorn) it goes to. Idempotent."""
+    global _factory_installed
+    with _lock:
+        if _factory_installed:
+            return
+        previous = logging.getLogRecordFactory()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            _redact_record(record)
+            return record
+
+        logging.setLogRecordFactory(factory)
+        _factory_installed = True
 
 
 __all__ = [
