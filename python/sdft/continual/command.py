@@ -263,8 +263,10 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 def cmd_validate_experiment(path: Path, *, deep: bool, data_root: Path | None = None) -> int:
     rows = experiment_checks(path, deep=deep, data_root=data_root)
+    from sdft.redact import redact
+
     for row in rows:
-        print(format_row(row))
+        print(redact(format_row(row)))
     failed = [row for row in rows if row[1] == "FAIL"]
     if failed:
         print(f"{len(failed)} check(s) failed")

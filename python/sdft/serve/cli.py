@@ -151,5 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("SDFT_DEBUG", "") not in ("", "0"):
             raise
-        print(f"sdft serve: error: {exc}", file=sys.stderr)
+        from sdft.redact import redact
+
+        print(f"sdft serve: error: {redact(str(exc))}", file=sys.stderr)
         return 2
