@@ -9,7 +9,6 @@ from typing import Any, TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import disjoint_base
 
 __all__ = [
     "MAX_TOKEN_ID",
@@ -66,7 +65,6 @@ def build_topk_batch(
     """
 
 @final
-@disjoint_base
 class OutputBuffer:
     """Owner of a batch's dense output memory (the ``.base`` of the returned arrays)."""
 
