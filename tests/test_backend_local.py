@@ -785,3 +785,47 @@ def test_deprecated_async_shims_forward_to_the_clients(local_service: Any) -> No
     assert logprobs == sampler.compute_logprobs(prompt).result()
     assert info.model_id == client.model_id and info.lora_rank == 2
     assert asyncio.run(sampler.get_base_model_async()) == TINY_RANDOM_MODEL
+
+
+def test_service_clients_in_one_process_share_the_base_weights(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    import gc
+
+    from sdft.backends.local._modules import SHARED_BASE_MODELS
+
+    def base_weight(client: Any) -> torch.Tensor:
+        return client.runtime.hf_model.get_input_embeddings().weight
+
+    gc.collect()
+    held = SHARED_BASE_MODELS.loaded()
+    first = LocalServiceClient(tmp_path / "a", device="cpu")
+    second = LocalServiceClient(tmp_path / "b", device="cpu", fast_cpu_linear=False)
+    try:
+        students = [
+            service.create_lora_training_client(TINY_RANDOM_MODEL, rank=2, seed=0).result()
+            for service in (first, second)
+        ]
+        teachers = [
+            service.create_sampling_client(base_model=TINY_RANDOM_MODEL).result()
+            for service in (first, second)
+        ]
+        assert SHARED_BASE_MODELS.loaded() <= held + 1  # + 0 when another client holds it
+        assert base_weight(students[0]).data_ptr() == base_weight(students[1]).data_ptr()
+        assert (
+            teachers[0].runtime.module.get_input_embeddings().weight.data_ptr()
+            == base_weight(students[0]).data_ptr()
+        )
+        # each service keeps its own module tree: the second one's linears stay torch's own
+        linears = [m for m in teachers[1].runtime.module.modules() if type(m) is torch.nn.Linear]
+        assert linears and all("forward" not in vars(m) for m in linears)
+        prompt = prompt_of(tiny_tokenizer, "shared")
+        assert teachers[0].compute_logprobs(prompt).result()[1:] == pytest.approx(
+            teachers[1].compute_logprobs(prompt).result()[1:], rel=1e-5
+        )
+    finally:
+        first.close()
+        second.close()
+    del students, teachers
+    gc.collect()
+    assert SHARED_BASE_MODELS.loaded() == held

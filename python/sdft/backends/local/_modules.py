@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -22,6 +24,44 @@ def load_base_module(name: str, *, device: torch.device, dtype: torch.dtype) -> 
     for param in module.parameters():
         param.requires_grad_(False)
     return module
+
+
+class SharedBaseModels:
+    """Base models loaded once per process and shared by every service client that asks for the
+    same (name, device, dtype), for as long as one of them holds it.
+
+    Each holder gets the loaded module (keep it to keep the weights alive) and its own module
+    tree over the same tensors (:func:`share_structure`), so what a client changes on its modules
+    (oneDNN linears, LoRA adapters, weight views) never reaches another's.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: weakref.WeakValueDictionary[tuple[str, str, torch.dtype], nn.Module] = (
+            weakref.WeakValueDictionary()
+        )
+        self._locks: dict[tuple[str, str, torch.dtype], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(
+        self, name: str, *, device: torch.device, dtype: torch.dtype
+    ) -> tuple[nn.Module, nn.Module]:
+        """``(weights, module)``: the shared loaded model and a new module tree over it."""
+        key = (name, str(device), dtype)
+        with self._lock:
+            key_lock = self._locks.setdefault(key, threading.Lock())
+        with key_lock:  # one load per key; other models load in parallel
+            weights = self._loaded.get(key)
+            if weights is None:
+                weights = load_base_module(name, device=device, dtype=dtype)
+                self._loaded[key] = weights
+        return weights, share_structure(weights)
+
+    def loaded(self) -> int:
+        """How many base models are held now."""
+        return len(self._loaded)
+
+
+SHARED_BASE_MODELS = SharedBaseModels()
 
 
 def base_tokenizer(name: str) -> Any:

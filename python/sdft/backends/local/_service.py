@@ -14,10 +14,10 @@ from sdft.backends.local._checkpoint_state import load_weights
 from sdft.backends.local._deprecated import ServiceClientAsyncShims
 from sdft.backends.local._errors import LocalBadRequestError
 from sdft.backends.local._modules import (
+    SHARED_BASE_MODELS,
     base_tokenizer,
     build_module,
     checkpoint_adapter,
-    load_base_module,
     lora_target_modules,
 )
 from sdft.backends.local._runtime import ModelRuntime, pick_device
@@ -81,6 +81,8 @@ class LocalServiceClient(ServiceClientAsyncShims):
         self._worker = SerialWorker("service")
         self._lock = threading.Lock()
         self._base_modules: dict[str, torch.nn.Module] = {}
+        # Holding the shared loaded models keeps them in SHARED_BASE_MODELS while this is open.
+        self._base_weights: dict[str, torch.nn.Module] = {}
         self._base_runtimes: dict[str, ModelRuntime] = {}
         self._runtimes: list[ModelRuntime] = []
         self._closed = False
@@ -283,14 +285,16 @@ class LocalServiceClient(ServiceClientAsyncShims):
     # --- shared models ----------------------------------------------------------------------------
 
     def _base_module(self, name: str) -> torch.nn.Module:
-        """The frozen base model ``name`` (loaded once per service client)."""
+        """The frozen base model ``name``: this service's module tree over weights loaded once
+        per process (shared with every other service client on the same device and dtype)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the LocalServiceClient is closed")
             module = self._base_modules.get(name)
         if module is None:
-            module = load_base_module(name, device=self.device, dtype=self.dtype)
+            weights, module = SHARED_BASE_MODELS.get(name, device=self.device, dtype=self.dtype)
             with self._lock:
+                self._base_weights.setdefault(name, weights)
                 module = self._base_modules.setdefault(name, module)
         return module
 
@@ -323,6 +327,10 @@ class LocalServiceClient(ServiceClientAsyncShims):
         with self._lock:
             self._closed = True
             runtimes, self._runtimes = self._runtimes, []
+            # clients already made keep the tensors they use; the service lets go of the rest
+            self._base_weights.clear()
+            self._base_modules.clear()
+            self._base_runtimes.clear()
         for runtime in runtimes:
             runtime.close()
         self._worker.close()
