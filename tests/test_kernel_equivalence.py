@@ -7,6 +7,7 @@ index alignment of tinker_contract.md §7.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -218,6 +219,73 @@ def test_sparse_output_densifies_to_the_dense_output(batch, kwargs):
         crow = s.loss_fn_inputs["weights"].sparse_crow_indices
         assert len(crow) == d.model_input.length + 1
         assert int(crow[-1]) == len(s.loss_fn_inputs["weights"]._numpy)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), kwargs=options, weight_scale=st.floats(0.0, FLOAT32_MAX))
+def test_any_weight_scale_up_to_the_float32_max_scales_the_reference_weights(
+    batch, kwargs, weight_scale
+):
+    """Every weight is the reference's ``p * weight_scale`` cast to float32: finite, never inf."""
+    student_data, slices, teachers = batch
+    kwargs = {**kwargs, "weight_scale": weight_scale}
+    reference_outputs, reference_metrics = reference_topk_targets(
+        student_data=student_data,
+        completion_slices=slices,
+        teacher_topk_logprobs=[list_view(teacher) for teacher in teachers],
+        **kwargs,
+    )
+    datums, metrics = sdft.build_topk_targets(
+        student_data=student_data,
+        completion_slices=slices,
+        teacher_topk_logprobs=[
+            None if t is None else TopkLogprobs(token_ids=t[0], logprobs=t[1]) for t in teachers
+        ],
+        **kwargs,
+    )
+    # float32 rounding is relative; below the normal range a subnormal's spacing bounds it.
+    atol = max(1e-6 * weight_scale, 2.0**-149)
+    for datum, (ref_tokens, ref_weights) in zip(datums, reference_outputs, strict=True):
+        tokens, weights = dense_of(datum)
+        rows = datum.model_input.length
+        np.testing.assert_array_equal(
+            tokens, np.asarray(ref_tokens, np.int64).reshape(rows, kwargs["topk"])
+        )
+        assert np.all(np.isfinite(weights))
+        expected = np.asarray(ref_weights, np.float64).reshape(rows, kwargs["topk"])
+        np.testing.assert_allclose(weights, expected, rtol=1e-6, atol=atol)
+    for key, value in reference_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weight_scale=st.floats(
+        min_value=float(np.nextafter(FLOAT32_MAX, math.inf)), allow_infinity=False
+    ),
+    sparse=st.booleans(),
+)
+def test_any_finite_weight_scale_above_the_float32_max_is_rejected(weight_scale, sparse):
+    datum = rollout([1, 2], [3, 4])
+    # The kernel prints the shortest round-trip digits, as repr does, with Rust's exponent style.
+    shown = repr(weight_scale).replace("e+", "e")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "weight_scale must be at most 3.4028234663852886e38 (the largest float32: weights "
+            f"are float32), got {shown}"
+        ),
+    ):
+        sdft.build_topk_targets(
+            student_data=[datum],
+            completion_slices=[sdft.CompletionSlice([3, 4], 2)],
+            teacher_topk_logprobs=[[None, None, [(3, -0.1)], [(4, -0.2)]]],
+            weight_scale=weight_scale,
+            sparse=sparse,
+        )
 
 
 @settings(max_examples=60, deadline=None)
