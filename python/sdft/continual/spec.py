@@ -484,11 +484,12 @@ def parse_experiment(
     for index, method in enumerate(spec.methods):
         method_layers.append(expand_overrides(method.overrides, ("methods", index, "overrides")))
 
+    # Seed-major: a partly finished experiment has every method × lr at the first seeds.
     chains = [
         Chain(method.name, lr, seed)
+        for seed in spec.seeds
         for method in spec.methods
         for lr in spec.learning_rates
-        for seed in spec.seeds
     ]
     runs: dict[tuple[Chain, int], StageRun] = {}
     errors = []
