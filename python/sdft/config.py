@@ -366,9 +366,10 @@ def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, .
 def _yaml_lines(text: str) -> dict[tuple[Any, ...], int]:
     lines: dict[tuple[Any, ...], int] = {}
     try:
-        _, root = _compose_checked(text, "<config>")
+        loader, root = _compose_checked(text, "<config>")
     except (ConfigError, yaml.YAMLError, RecursionError):
         return lines
+    loader.dispose()
     if root is not None:
         _node_lines(root, (), lines)
     return lines
@@ -394,7 +395,8 @@ _ConfigLoader.add_implicit_resolver(
 
 
 def _check_nodes(root: yaml.Node, source: str) -> None:
-    """Reject duplicate keys, recursive aliases and alias bombs, naming ``source:line``."""
+    """Reject recursive aliases and alias bombs (too many values once expanded), naming
+    ``source:line``."""
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
@@ -453,15 +455,16 @@ def _check_duplicate_keys(root: yaml.Node, source: str) -> None:
 
 
 def _compose_checked(text: str, source: str) -> tuple[_ConfigLoader, yaml.Node | None]:
+    """The node tree of ``text``, checked; the caller disposes of the returned loader."""
     loader = _ConfigLoader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _check_nodes(root, source)
+            _check_duplicate_keys(root, source)
     except BaseException:
         loader.dispose()
         raise
-    if root is not None:
-        _check_nodes(root, source)
-        _check_duplicate_keys(root, source)
     return loader, root
 
 
