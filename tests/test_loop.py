@@ -15,6 +15,7 @@ from sdft.config import load_config
 from sdft.loop import (
     DivergedError,
     RunDirectoryError,
+    RunResult,
     Trainer,
     learning_rate_at,
     load_dataset,
@@ -429,3 +430,20 @@ def test_a_non_finite_loss_fails_the_run_naming_the_step(tmp_path: Path) -> None
     assert result.status == "completed" and result.steps_completed == 3
     losses = [r["metrics"]["train/loss_sum"] for r in rows_of(allowed.output_dir)]
     assert math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
+
+
+def test_the_cli_flag_allow_nan_reaches_train(tmp_path: Path, monkeypatch) -> None:
+    import sdft.loop
+    from sdft.cli import main
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_train(config, **kwargs):
+        calls.append(kwargs)
+        return RunResult("completed", 1, 1, config.output_dir)
+
+    monkeypatch.setattr(sdft.loop, "train", fake_train)
+    config = write_config(tmp_path, params={"max_steps": 1}, benchmarks=[])
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert main(["train", str(config), "--no-progress", "--allow-nan"]) == 0
+    assert [call["allow_nan"] for call in calls] == [False, True]

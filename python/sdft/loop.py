@@ -23,6 +23,12 @@ same config, data, evaluation and logging.
 Step ``s`` (1-based) writes its train row, then the benchmark rows due at ``s``, then — when a
 checkpoint is due — the checkpoint row with ``batch = s``. A resumed run drops every metrics row
 after its last checkpoint and redoes those steps, so no step is lost or repeated.
+
+This module is the algorithm; its parts are objects of their own modules: the teacher policies
+(:mod:`sdft.teachers`), one objective per loss (:mod:`sdft.objectives`), the optimizer pipeline
+(:mod:`sdft.optimizer`), evaluation (:mod:`sdft.evaluation`) and the run-directory rules
+(:mod:`sdft.rundir`). A step whose loss is not finite fails the run (unless ``allow_nan``);
+SIGTERM ends a run like Ctrl-C, with status ``interrupted``.
 """
 
 from __future__ import annotations
@@ -390,6 +396,7 @@ class Trainer:
                 refresh_started = time.perf_counter()
                 self.sampler_stale = True
                 if self.teacher is not None:
+                    # SDFT samples on-policy every step (SFT refreshes only for a benchmark).
                     await self._refresh_sampler()
                     await self.teacher.after_step(step, self.training_client)
                 metrics["time/refresh_s"] = time.perf_counter() - refresh_started
@@ -470,8 +477,8 @@ async def train_async(
     training_client = None
     if record is not None:
         training_client = await trainer.create_training_client(record)
-        info_call = getattr(training_client, "get_info_async", None) or training_client.get_info
-        check_checkpoint_matches(config, await resolve(info_call()), record)
+        # get_info() answers without a request in Tinker's SDK (get_info_async is deprecated).
+        check_checkpoint_matches(config, await resolve(training_client.get_info()), record)
     apply_plan(plan)
     with _sigterm_cancels(asyncio.current_task()) as terminated:
         try:
