@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from sdft.checkpoints import read_checkpoints
-from sdft.config import load_config
+from sdft.checkpoints import CheckpointRecord, read_checkpoints
+from sdft.config import TeacherSection, load_config
 from sdft.loop import (
     DivergedError,
     RunDirectoryError,
@@ -23,6 +25,14 @@ from sdft.loop import (
     split_evenly,
     train,
 )
+from sdft.objectives import (
+    FullVocabularyKL,
+    ImportanceSampling,
+    TopKCrossEntropy,
+    TopKReverseKL,
+    objective_for,
+)
+from sdft.teachers import EmaTeacher, StaticTeacher, SyncTeacher, teacher_policy
 from support import (
     CAPITALS,
     TINY,
@@ -447,3 +457,66 @@ def test_the_cli_flag_allow_nan_reaches_train(tmp_path: Path, monkeypatch) -> No
     assert main(["train", str(config), "--no-progress"]) == 0
     assert main(["train", str(config), "--no-progress", "--allow-nan"]) == 0
     assert [call["allow_nan"] for call in calls] == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, TopKCrossEntropy),
+        ({"loss": "reverse_kl"}, TopKReverseKL),
+        ({"topk": 0}, ImportanceSampling),
+        ({"loss": "full_kl"}, FullVocabularyKL),
+    ],
+    ids=["cross_entropy", "reverse_kl", "topk_0", "full_kl"],
+)
+def test_one_objective_per_loss(tmp_path: Path, params, expected) -> None:
+    config = load_config(write_config(tmp_path, params=params, benchmarks=[]))
+    assert type(objective_for(config, None, None)) is expected
+
+
+def test_teacher_policies_follow_the_student_as_configured() -> None:
+    created: list[dict[str, Any]] = []
+    saved: list[str] = []
+
+    class Service:
+        def create_sampling_client(self, **kwargs):
+            created.append(kwargs)
+            return f"sampler of {kwargs}"
+
+    class Student:
+        def save_weights_for_sampler(self, name):
+            saved.append(name)
+            return SimpleNamespace(path=f"local://run/sampler_weights/{name}")
+
+        def create_ema_sampling_client(self, alpha):
+            return f"ema {alpha}"
+
+    async def exercise(policy, resume_from=None) -> dict[str, Any]:
+        await policy.create(Student(), resume_from)
+        for step in (1, 2, 3, 4):
+            await policy.after_step(step, Student())
+        return policy.checkpoint_extra()
+
+    static = teacher_policy(TeacherSection(), Service(), "base")
+    assert isinstance(static, StaticTeacher) and asyncio.run(exercise(static)) == {}
+    assert (
+        created == [{"base_model": "base"}] and static.client == "sampler of {'base_model': 'base'}"
+    )
+
+    sync = teacher_policy(TeacherSection(mode="sync", sync_every=2), Service(), "base")
+    assert isinstance(sync, SyncTeacher)
+    assert asyncio.run(exercise(sync)) == {
+        "teacher_path": "local://run/sampler_weights/teacher-000004"
+    }
+    assert saved == ["teacher-000002", "teacher-000004"]
+    assert created[-1] == {"model_path": "local://run/sampler_weights/teacher-000004"}
+    record = CheckpointRecord("000004", 4, extra={"teacher_path": "local://run/sampler_weights/t"})
+    resumed = teacher_policy(TeacherSection(mode="sync", sync_every=8), Service(), "base")
+    assert asyncio.run(exercise(resumed, record)) == {
+        "teacher_path": "local://run/sampler_weights/t"
+    }
+    assert created[-1] == {"model_path": "local://run/sampler_weights/t"}
+
+    ema = teacher_policy(TeacherSection(mode="ema", ema_alpha=0.25), Service(), "base")
+    assert isinstance(ema, EmaTeacher) and asyncio.run(exercise(ema)) == {}
+    assert ema.client == "ema 0.25"
