@@ -234,7 +234,7 @@ class ExperimentRunner:
             self.service = build_experiment_service(experiment)
         name = experiment.base_config.model.name
         self.base_sampler = await _resolve(self.service.create_sampling_client(base_model=name))
-        self.tokenizer = self.base_sampler.get_tokenizer()
+        self.tokenizer = _tokenizer(name, self.base_sampler)
         await self._score_base()
         write_results(experiment)
 
@@ -342,6 +342,17 @@ class ExperimentRunner:
             self.result.scored.append(run.label)
             self.log(f"{run.label}: {_shown(scores)}")
             previous = record
+
+
+def _tokenizer(name: str, sampler: Any) -> Any:
+    """The model's tokenizer from the local resolution (embedded, local or cached models, offline),
+    else from the sampling client (Tinker's SDK fetches it from the Hugging Face hub)."""
+    from sdft.models import ModelNotFoundError, load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except (ModelNotFoundError, OSError, ValueError):
+        return sampler.get_tokenizer()
 
 
 def _shown(scores: Scores) -> str:
