@@ -1,7 +1,9 @@
 """Atomic writes: a reader never sees a half-written file or checkpoint directory.
 
 Everything is written to a temporary sibling, flushed to disk, then renamed over the target
-(``os.replace`` is atomic within one filesystem).
+(``os.replace`` is atomic within one filesystem). Append-only JSONL logs are the exception:
+:func:`append_line` repairs a torn last line before it appends and undoes a failed write, and
+:func:`read_jsonl` reads them back with ``file:line:`` errors for anything malformed.
 """
 
 from __future__ import annotations
