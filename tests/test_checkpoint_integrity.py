@@ -308,6 +308,24 @@ def test_opening_a_checkpoint_removes_the_orphans_of_its_run(local_service: Any)
     assert not any(p.exists() for p in orphans)
 
 
+def test_opening_a_checkpoint_outside_the_layout_touches_nothing_around_it(
+    local_service: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    client = trained_lora(local_service)
+    path = client.save_weights_for_sampler("plain").result().path
+    mine = tmp_path / "mine"
+    shutil.copytree(checkpoint_dir(local_service, path), mine)
+    neighbours = [tmp_path / "config", tmp_path / ".config.old", _orphan(tmp_path, "mine")]
+    for neighbour in neighbours[:2]:
+        neighbour.mkdir()
+    old = time.time() - 3600
+    os.utime(neighbours[1], (old, old))
+    local_service.create_sampling_client(model_path=str(mine)).result()
+    assert all(n.is_dir() for n in neighbours)
+
+
 def test_a_temp_dir_in_use_is_never_removed(tmp_path: Path) -> None:
     import fcntl
 

@@ -106,14 +106,16 @@ def resolve_path(root: Path, path: Any) -> Path:
 
 def remove_orphans(directory: Path) -> list[Path]:
     """Remove what killed saves left in the run folders of checkpoint ``directory`` (both kind
-    folders of a ``<run_id>/<kind>/<name>`` layout, else the directory's parent).
+    folders of its ``<run_id>/<weights|sampler_weights>/<name>`` layout; a directory outside
+    that layout is in a folder this backend does not own, which is left alone).
 
     Best effort: a folder that cannot be cleaned (permissions) is left as it is.
     """
     parent = directory.parent
-    folders = [parent.parent / kind for kind in KINDS] if parent.name in KINDS else [parent]
+    if parent.name not in KINDS:
+        return []
     removed: list[Path] = []
-    for folder in folders:
+    for folder in (parent.parent / kind for kind in KINDS):
         with contextlib.suppress(OSError):
             removed.extend(remove_orphaned_temp_dirs(folder))
     return removed
