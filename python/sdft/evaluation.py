@@ -238,7 +238,7 @@ async def evaluate_async(
         sampler = await resolve(service_client.create_sampling_client(base_model=config.model.name))
     else:
         sampler = await resolve(service_client.create_sampling_client(model_path=model_path))
-    tokenizer = sampler.get_tokenizer()
+    tokenizer = _tokenizer(config, sampler)
     _atomic.write_json(
         target / EVALUATION_NAME,
         {"label": label, "step": step, "model": config.model.name, "checkpoint": model_path},
@@ -290,3 +290,14 @@ def evaluate_checkpoint(
             progress=progress,
         )
     )
+
+
+def _tokenizer(config: Config, sampler: Any) -> Any:
+    """The model's tokenizer, resolved offline through ``sdft.models`` when it can be (a Tinker
+    ``SamplingClient`` loads it from the Hugging Face hub by base model name), else the sampler's."""
+    from sdft.models import ModelNotFoundError, load_tokenizer
+
+    try:
+        return load_tokenizer(config.model.name)
+    except ModelNotFoundError:
+        return sampler.get_tokenizer()
