@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sdft.checkpoints import read_checkpoints
-from sdft.continual import ExperimentError, load_experiment, run_experiment
+from sdft.continual import ExperimentError, ExperimentFailed, load_experiment, run_experiment
 from sdft.continual.report import Stat, build_table, exceeds_spread, reading
 from sdft.continual.runner import ExperimentRunner
 from sdft.runlog import RunLog
@@ -538,3 +538,25 @@ def test_runner_rejects_parallel_below_one(tmp_path: Path) -> None:
     experiment = load_experiment(write_experiment(tmp_path))
     with pytest.raises(ValueError, match="--parallel must be >= 1, got 0"):
         ExperimentRunner(experiment, parallel=0)
+
+
+def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Path) -> None:
+    one_chain = {
+        "methods": [{"name": "sdft"}],
+        "learning_rates": [1e-2],
+        "seeds": [0],
+        "benchmarks": [],
+    }
+    path = write_experiment(tmp_path, max_steps=1, extra=one_chain)
+    run_experiment(load_experiment(path), log=lambda _: None)
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text().replace("max_tokens: 6", "max_tokens: 7"))
+    with pytest.raises(ExperimentFailed) as caught:
+        run_experiment(load_experiment(path), log=lambda _: None)
+    run_dir = tmp_path / "out" / "runs" / "sdft" / "lr0.01" / "seed0" / "stage1-capitals"
+    assert str(caught.value) == (
+        "1 chain(s) failed: sdft/lr0.01/seed0: RuntimeError: "
+        "sdft/lr0.01/seed0/stage1-capitals was trained and scored with another config "
+        f"(algorithm.params.max_tokens changed); delete {run_dir} to redo it or use another "
+        "output_dir"
+    )

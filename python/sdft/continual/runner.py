@@ -286,7 +286,15 @@ class ExperimentRunner:
 
         previous: ckpt.CheckpointRecord | None = None
         for run in self.experiment.stage_runs(chain):
-            if read_scores(run.output_dir) is not None:
+            stored = read_scores(run.output_dir)
+            if stored is not None:
+                changed = _changed_keys(stored.get("config"), _fingerprint(run))
+                if changed:
+                    raise RuntimeError(
+                        f"{run.label} was trained and scored with another config "
+                        f"({', '.join(changed)} changed); delete {run.output_dir} to redo it or "
+                        "use another output_dir"
+                    )
                 self.result.skipped.append(run.label)
                 previous = _final_checkpoint(run)
                 if previous is None:
@@ -336,12 +344,41 @@ class ExperimentRunner:
             _write_scores(
                 run.output_dir,
                 scores,
-                {"label": run.label, "stage": run.index, "checkpoint": record.sampler_path},
+                {
+                    "label": run.label,
+                    "stage": run.index,
+                    "checkpoint": record.sampler_path,
+                    "config": _fingerprint(run),
+                },
             )
             write_results(self.experiment)
             self.result.scored.append(run.label)
             self.log(f"{run.label}: {_shown(scores)}")
             previous = record
+
+
+def _fingerprint(run: StageRun) -> dict[str, Any]:
+    """What a scored stage depends on: its resolved run config, less where it runs."""
+    resolved = run.config.resolved_dict()
+    resolved.pop("output_dir", None)
+    backend = dict(resolved.get("backend", {}))
+    for key in ("device", "base_url", "checkpoint_root"):
+        backend.pop(key, None)
+    resolved["backend"] = backend
+    return resolved
+
+
+def _changed_keys(old: Any, new: dict[str, Any], prefix: str = "") -> list[str]:
+    if old is None:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = []
+        for key in sorted(set(old) | set(new)):
+            changed += _changed_keys(
+                old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}."
+            )
+        return changed
+    return [prefix.rstrip(".")] if old != new else []
 
 
 def _tokenizer(name: str, sampler: Any) -> Any:
