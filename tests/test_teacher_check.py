@@ -14,7 +14,13 @@ from tinker import types
 
 from sdft.config import AlgorithmParams
 from sdft.datasets import SDFTExample
-from sdft.teacher_check import MIN_KL, NLL_MARGIN, check_teacher, sample_examples
+from sdft.teacher_check import (
+    MIN_KL,
+    NLL_MARGIN,
+    check_from_metrics,
+    check_teacher,
+    sample_examples,
+)
 
 TINY = "sdft/tiny-random"
 RECALLED, UNSEEN = math.log(0.5), math.log(0.001)
@@ -90,12 +96,18 @@ def test_the_teacher_that_sees_the_answer_knows_it(tiny_tokenizer: Any) -> None:
     assert check.teacher_student_kl is None  # no training client given
     assert check.warnings == []
     assert check.metrics() == {
+        "teacher_check/examples": 2.0,
+        "teacher_check/answer_tokens": float(check.answer_tokens),
         "teacher_check/student_nll": check.student_nll,
         "teacher_check/teacher_nll": check.teacher_nll,
         "teacher_check/student_pass@1": 0.0,
         "teacher_check/teacher_pass@1": 1.0,
     }
     assert check.markdown().endswith("- the teacher is clearly better than the student\n")
+    restored = check_from_metrics(check.metrics())
+    assert (
+        restored is not None and restored.warnings == [] and restored.metrics() == check.metrics()
+    )
 
 
 def test_a_teacher_no_better_than_the_student_is_warned_with_the_numbers(
@@ -121,6 +133,10 @@ def test_a_teacher_no_better_than_the_student_is_warned_with_the_numbers(
         "the teacher does not answer better than the student (pass@1 0.00 vs 0.00 with contains)",
     ]
     assert "- warning: the teacher prompt does not make" in check.markdown()
+    restored = check_from_metrics(check.metrics())
+    assert restored is not None and len(restored.warnings) == 2
+    assert restored.warnings[1].endswith("(pass@1 0.00 vs 0.00 with the verifier)")
+    assert check_from_metrics({"teacher_check/student_nll": 1.0}) is None
 
 
 def test_kl_on_the_students_rollouts_with_the_tiny_model(local_service: Any) -> None:

@@ -51,11 +51,14 @@ class TeacherCheck:
 
     def metrics(self) -> dict[str, float]:
         out = {
+            "teacher_check/examples": float(self.examples),
+            "teacher_check/answer_tokens": float(self.answer_tokens),
             "teacher_check/student_nll": self.student_nll,
             "teacher_check/teacher_nll": self.teacher_nll,
         }
         if self.teacher_student_kl is not None:
             out["teacher_check/teacher_student_kl"] = self.teacher_student_kl
+            out["teacher_check/distilled_positions"] = float(self.distilled_positions)
         if self.student_pass is not None and self.teacher_pass is not None:
             out["teacher_check/student_pass@1"] = self.student_pass
             out["teacher_check/teacher_pass@1"] = self.teacher_pass
@@ -84,6 +87,33 @@ class TeacherCheck:
             "- the teacher is clearly better than the student"
         ]
         return "\n".join(lines) + "\n"
+
+
+def check_from_metrics(metrics: dict[str, Any]) -> TeacherCheck | None:
+    """The check logged as a ``teacher_check`` metrics row (``TeacherCheck.metrics()`` plus
+    ``teacher_check/examples``), with its warnings recomputed; ``None`` when incomplete."""
+    try:
+        check = TeacherCheck(
+            examples=int(metrics["teacher_check/examples"]),
+            answer_tokens=int(metrics.get("teacher_check/answer_tokens", 0)),
+            student_nll=float(metrics["teacher_check/student_nll"]),
+            teacher_nll=float(metrics["teacher_check/teacher_nll"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    kl = metrics.get("teacher_check/teacher_student_kl")
+    if isinstance(kl, int | float):
+        check.teacher_student_kl = float(kl)
+        check.distilled_positions = int(metrics.get("teacher_check/distilled_positions", 0))
+    student, teacher = (
+        metrics.get("teacher_check/student_pass@1"),
+        metrics.get("teacher_check/teacher_pass@1"),
+    )
+    if isinstance(student, int | float) and isinstance(teacher, int | float):
+        check.student_pass, check.teacher_pass = float(student), float(teacher)
+        check.verifier = "the verifier"
+    check.warnings = _warnings(check)
+    return check
 
 
 def _warnings(check: TeacherCheck) -> list[str]:
@@ -321,4 +351,11 @@ async def _measure_kl(
     check.distilled_positions = positions
 
 
-__all__ = ["MIN_KL", "NLL_MARGIN", "TeacherCheck", "check_teacher", "sample_examples"]
+__all__ = [
+    "MIN_KL",
+    "NLL_MARGIN",
+    "TeacherCheck",
+    "check_from_metrics",
+    "check_teacher",
+    "sample_examples",
+]
