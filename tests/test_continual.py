@@ -560,3 +560,17 @@ def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Pa
         f"(algorithm.params.max_tokens changed); delete {run_dir} to redo it or use another "
         "output_dir"
     )
+
+
+def test_validate_deep_runs_the_teacher_check_of_every_stage(tmp_path: Path, capsys: Any) -> None:
+    from sdft.cli import main
+
+    path = write_experiment(tmp_path)
+    assert main(["validate", str(path), "--deep"]) == 0
+    out = capsys.readouterr().out
+    for stage in (1, 2):
+        line = next(ln for ln in out.splitlines() if f"stage {stage} teacher" in ln)
+        assert "3 examples: golden-answer NLL/token" in line
+        assert "KL(teacher || student)" in line and line.endswith("; base model)")
+        assert f"stage {stage} prompts" in out
+    assert not (tmp_path / "out" / "runs").exists()

@@ -27,7 +27,7 @@ from typing import Any
 from tinker import types
 
 from sdft import data as sdft_data
-from sdft.config import AlgorithmParams
+from sdft.config import AlgorithmParams, Config
 from sdft.datasets import SDFTExample, epoch_permutation
 
 # The teacher counts as clearly better when its prompt cuts the answer's NLL by at least this much.
@@ -351,10 +351,47 @@ async def _measure_kl(
     check.distilled_positions = positions
 
 
+async def check_base_model(
+    service: Any,
+    config: Config,
+    examples: Sequence[SDFTExample],
+    *,
+    verifier: str | None = None,
+    count: int = 8,
+    params: AlgorithmParams | None = None,
+) -> TeacherCheck:
+    """The check of ``config``'s base model before training (``sdft validate --deep``): a fresh
+    training client (LoRA starts at the base weights; full fine-tuning copies them) is the
+    student, the base model with the teacher prompt is the teacher."""
+    from sdft.clients import resolve
+
+    name = config.model.name
+    teacher = await resolve(service.create_sampling_client(base_model=name))
+    run = params or config.params
+    if run.full_finetune:
+        training = await resolve(service.create_full_training_client(name, seed=config.seed))
+    else:
+        training = await resolve(
+            service.create_lora_training_client(name, rank=run.lora_rank, seed=config.seed)
+        )
+    student = await resolve(training.save_weights_and_get_sampling_client())
+    return await check_teacher(
+        sample_examples(examples, count, config.seed),
+        params=run,
+        tokenizer=training.get_tokenizer(),
+        student=student,
+        teacher=teacher,
+        training_client=training,
+        verifier=verifier,
+        seed=config.seed,
+    )
+
+
 __all__ = [
     "MIN_KL",
     "NLL_MARGIN",
     "TeacherCheck",
+    "check_base_model",
     "check_from_metrics",
     "check_teacher",
     "sample_examples",

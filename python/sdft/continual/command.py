@@ -175,47 +175,33 @@ def _deep_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]) -> list
 
 
 async def _teacher_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]) -> list[CheckRow]:
-    from sdft.clients import resolve
     from sdft.continual.runner import build_experiment_service
-    from sdft.teacher_check import check_teacher, sample_examples
+    from sdft.teacher_check import check_base_model
 
     service = build_experiment_service(experiment)
-    config = experiment.base_config
-    name = config.model.name
-    teacher = await resolve(service.create_sampling_client(base_model=name))
-    tokenizer = teacher.get_tokenizer()
-    params = config.params
-    if params.full_finetune:
-        training = await resolve(service.create_full_training_client(name, seed=config.seed))
-    else:
-        training = await resolve(
-            service.create_lora_training_client(name, rank=params.lora_rank, seed=config.seed)
-        )
-    student = await resolve(training.save_weights_and_get_sampling_client())
     rows: list[CheckRow] = []
-    for run in experiment.stage_runs(experiment.chains[0]):
-        examples = examples_by_stage.get(run.index)
-        if not examples:
-            continue
-        sample = sample_examples(examples, experiment.spec.teacher_check_examples, config.seed)
-        started = time.perf_counter()
-        check = await check_teacher(
-            sample,
-            params=run.config.params,
-            tokenizer=tokenizer,
-            student=student,
-            teacher=teacher,
-            training_client=training,
-            verifier=run.stage.teacher_check_verifier,
-            seed=config.seed,
-        )
-        detail = f"{check.summary_line()} ({time.perf_counter() - started:.0f} s; base model)"
-        rows.append((f"stage {run.index} teacher", "warn" if check.warnings else "ok", detail))
-        for warning in check.warnings:
-            rows.append((f"stage {run.index} teacher", "warn", warning))
-    close = getattr(service, "close", None)
-    if callable(close):
-        close()
+    try:
+        for run in experiment.stage_runs(experiment.chains[0]):
+            examples = examples_by_stage.get(run.index)
+            if not examples:
+                continue
+            started = time.perf_counter()
+            check = await check_base_model(
+                service,
+                experiment.base_config,
+                examples,
+                verifier=run.stage.teacher_check_verifier,
+                count=experiment.spec.teacher_check_examples,
+                params=run.config.params,
+            )
+            detail = f"{check.summary_line()} ({time.perf_counter() - started:.0f} s; base model)"
+            rows.append((f"stage {run.index} teacher", "warn" if check.warnings else "ok", detail))
+            for warning in check.warnings:
+                rows.append((f"stage {run.index} teacher", "warn", warning))
+    finally:
+        close = getattr(service, "close", None)
+        if callable(close):
+            close()
     return rows
 
 
