@@ -121,11 +121,15 @@ def test_paths_from_the_checkpoint_index_stay_inside_the_run(tmp_path: Path, cap
     assert f"{index}:1: checkpoint name '../../victim' is not a plain name" in err
     assert not (tmp_path.parent / "victim").exists() and not (out / "victim").exists()
 
-    index.write_text('{"name": "000001", "batch": 1, "sampler_path": "/etc"}\n')
+    for path in ("/etc", "checkpoints/../../victim", str(out / "checkpoints" / ".." / "..")):
+        index.write_text(json.dumps({"name": "000001", "batch": 1, "sampler_path": path}) + "\n")
+        code, _, err = run(capsys, "eval", str(config), "--checkpoint", "last", "--no-progress")
+        assert (code, err) == (
+            2,
+            f"sdft: error: checkpoint 000001: sampler_path {path!r} is not a service path or an "
+            f"absolute path inside the run's checkpoint root {out / 'checkpoints'}\n",
+        )
+    index.write_text('{"name": "1", "batch": 1, "sampler_path": "local://r/sampler_weights/.."}\n')
     code, _, err = run(capsys, "eval", str(config), "--checkpoint", "last", "--no-progress")
-    assert (code, err) == (
-        2,
-        "sdft: error: checkpoint 000001: sampler_path '/etc' is outside the run's checkpoint "
-        f"root {out / 'checkpoints'}\n",
-    )
+    assert code == 2 and "has '.' or '..' segments" in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints.jsonl"]

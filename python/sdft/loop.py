@@ -439,15 +439,20 @@ def _sigterm_cancels(task: asyncio.Task[Any] | None) -> Iterator[list[bool]]:
             task.cancel()
 
     try:
+        previous = signal.getsignal(signal.SIGTERM)
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        installed = True
     except (NotImplementedError, RuntimeError, ValueError):
+        previous = None
         installed = False
+    else:
+        installed = True
     try:
         yield received
     finally:
         if installed:
             loop.remove_signal_handler(signal.SIGTERM)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 async def train_async(

@@ -79,17 +79,21 @@ def owns_checkpoints_dir(config: Config) -> bool:
     return Path(os.path.abspath(config.checkpoint_root)) == Path(os.path.abspath(own))
 
 
+# Everything a run creates in output_dir except checkpoints/ (the run's only when it is the root).
+_RUN_ENTRIES = (
+    METRICS_NAME,
+    SUMMARY_NAME,
+    PLOT_NAME,
+    PREDICTIONS_DIR,
+    CHECKPOINT_INDEX_NAME,
+    RESOLVED_CONFIG_NAME,
+    EVAL_DIR,
+)
+
+
 def run_outputs(config: Config) -> list[str]:
     """The names in ``output_dir`` that this run creates (and ``--overwrite`` may delete)."""
-    names = [
-        METRICS_NAME,
-        SUMMARY_NAME,
-        PLOT_NAME,
-        PREDICTIONS_DIR,
-        CHECKPOINT_INDEX_NAME,
-        RESOLVED_CONFIG_NAME,
-        EVAL_DIR,
-    ]
+    names = list(_RUN_ENTRIES)
     if owns_checkpoints_dir(config):
         names.insert(4, CHECKPOINTS_DIR)
     return names
@@ -127,16 +131,7 @@ def remove_outputs(output_dir: str | Path, paths: list[Path] | None = None) -> N
     entries already moved go back and the error names the entry."""
     root = Path(output_dir)
     if paths is None:
-        names = [
-            METRICS_NAME,
-            SUMMARY_NAME,
-            PLOT_NAME,
-            PREDICTIONS_DIR,
-            CHECKPOINTS_DIR,
-            CHECKPOINT_INDEX_NAME,
-            RESOLVED_CONFIG_NAME,
-            EVAL_DIR,
-        ]
+        names = [*_RUN_ENTRIES, CHECKPOINTS_DIR]
         paths = [root / name for name in names if os.path.lexists(root / name)]
     if not paths:
         return
@@ -163,8 +158,9 @@ def remove_outputs(output_dir: str | Path, paths: list[Path] | None = None) -> N
 
 
 def check_run_path(config: Config, path: Any, what: str) -> str:
-    """A checkpoint path read from the run's files: a service URI (``local://``, ``tinker://``),
-    or a filesystem path inside the run's checkpoint root; :class:`RunDirectoryError` otherwise."""
+    """A checkpoint path read from the run's files: a service URI (``local://``, ``tinker://``)
+    without ``.``/``..`` segments, or an absolute filesystem path inside the run's checkpoint
+    root (symlinks resolved); :class:`RunDirectoryError` otherwise."""
     if not isinstance(path, str) or not path:
         raise RunDirectoryError(f"{what} must be a non-empty string, got {path!r}")
     if "://" in path:
@@ -172,10 +168,10 @@ def check_run_path(config: Config, path: Any, what: str) -> str:
             raise RunDirectoryError(f"{what} {path!r} has '.' or '..' segments")
         return path
     root = Path(os.path.realpath(config.checkpoint_root))
-    resolved = Path(os.path.realpath(config.output_dir / path))
-    if not resolved.is_relative_to(root):
+    if not os.path.isabs(path) or not Path(os.path.realpath(path)).is_relative_to(root):
         raise RunDirectoryError(
-            f"{what} {path!r} is outside the run's checkpoint root {config.checkpoint_root}"
+            f"{what} {path!r} is not a service path or an absolute path inside the run's "
+            f"checkpoint root {config.checkpoint_root}"
         )
     return path
 
