@@ -279,6 +279,15 @@ def test_overwrite_removes_the_eval_results_of_the_deleted_run(tmp_path: Path) -
     assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml"]
 
 
+def test_a_base_model_evaluation_alone_does_not_block_a_new_run(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
+    base = config.output_dir / "eval" / "base"
+    base.mkdir(parents=True)
+    (base / "metrics.jsonl").write_text("")
+    assert prepare_output_dir(config, resume=False, overwrite=False) is None
+    assert (base / "metrics.jsonl").exists()
+
+
 def test_overwrite_that_cannot_remove_an_entry_deletes_nothing(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, params={"max_steps": 1}, benchmarks=[]))
     out = _with_run_outputs(config)
