@@ -1,0 +1,143 @@
+"""The server's bookkeeping without HTTP: long-polled futures, cancellation, error categories,
+session expiry, sampler eviction, and the response delay option."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+from tinker import types
+
+from sdft.serve.app import ServeConfig, create_app, describe_models
+from sdft.serve.auth import ApiKey
+from sdft.serve.errors import ServeError
+from sdft.serve.futures import FutureStore, Payload, UnknownFutureError
+from sdft.serve.sessions import ServerState
+from serve_fixture import TINY
+
+
+def as_json(value: Any) -> Payload:
+    return Payload(json={"value": value})
+
+
+def test_retrieve_long_polls_until_the_result_is_ready() -> None:
+    store = FutureStore(poll_s=5.0)
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    request_id = store.add(future, as_json, "session-a")
+    threading.Timer(0.3, future.set_result, args=(7,)).start()
+    started = time.monotonic()
+    payload = asyncio.run(store.retrieve(request_id))
+    assert payload == Payload(json={"value": 7})
+    assert 0.25 < time.monotonic() - started < 3
+    with pytest.raises(UnknownFutureError):
+        asyncio.run(store.retrieve(request_id))  # results are dropped once retrieved
+
+
+def test_retrieve_answers_try_again_and_keeps_the_request() -> None:
+    store = FutureStore(poll_s=0.1)
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    request_id = store.add(future, as_json, "session-a")
+    assert asyncio.run(store.retrieve(request_id)).json == {
+        "type": "try_again",
+        "request_id": request_id,
+        "queue_state": "active",
+    }
+    assert not future.cancelled()
+    future.set_result(1)
+    assert asyncio.run(store.retrieve(request_id)).json == {"value": 1}
+
+
+def test_errors_and_cancellation_become_error_payloads() -> None:
+    store = FutureStore(poll_s=1.0)
+    cases = [
+        (ServeError(400, "datum 0: bad"), {"error": "datum 0: bad", "category": "user"}),
+        (ValueError("bad value"), {"error": "bad value", "category": "user"}),
+        (RuntimeError("boom"), {"error": "boom", "category": "server"}),
+    ]
+    for error, expected in cases:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        future.set_exception(error)
+        assert asyncio.run(store.retrieve(store.add(future, as_json, "s"))).json == expected
+    pending: concurrent.futures.Future[int] = concurrent.futures.Future()
+    request_id = store.add(pending, as_json, "s")
+    assert store.cancel(request_id)
+    assert asyncio.run(store.retrieve(request_id)).json == {
+        "error": "the request was cancelled",
+        "category": "user",
+    }
+    store.add(concurrent.futures.Future(), as_json, "gone")
+    store.drop_owner("gone")
+    assert len(store) == 0
+
+
+class FakeClient:
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+
+def test_silent_sessions_expire_with_their_models(tmp_path: Path) -> None:
+    state = ServerState(
+        None, served_models={TINY: {}}, checkpoint_root=tmp_path, session_timeout_s=0.2
+    )
+    quiet, busy = state.create_session(), state.create_session()
+    state.add_model(quiet, FakeClient("local-quiet"), TINY, f"{quiet}:train:0")
+    state.add_model(busy, FakeClient("local-busy"), TINY)
+    time.sleep(0.15)
+    state.model("local-busy", "get_info")  # any request of a session keeps it alive
+    time.sleep(0.1)
+    assert state.expire_sessions() == [quiet]
+    for model_id in ("local-quiet", f"{quiet}:train:0"):
+        with pytest.raises(ServeError, match=rf"^get_info: unknown model_id '{model_id}'$"):
+            state.model(model_id, "get_info")
+    assert state.model("local-busy", "get_info").session_id == busy
+    with pytest.raises(ServeError, match=r"expired after 0.2 s without a heartbeat"):
+        state.session(quiet, "session_heartbeat")
+
+
+def test_old_samplers_are_released_with_a_clear_message(tmp_path: Path) -> None:
+    state = ServerState(
+        None, served_models={TINY: {}}, checkpoint_root=tmp_path, max_samplers_per_session=2
+    )
+    session = state.create_session()
+    for seq in range(3):
+        state.add_sampler(session, f"{session}:sample:{seq}", object())
+    state.sampler(f"{session}:sample:2", "asample")
+    with pytest.raises(ServeError) as info:
+        state.sampler(f"{session}:sample:0", "asample")
+    assert info.value.status == 404
+    assert info.value.message == (
+        f"asample: sampling session '{session}:sample:0' was released (the server keeps the 2 "
+        "most recent samplers per session)"
+    )
+    state.finish_session(session)
+    with pytest.raises(ServeError, match="its session finished"):
+        state.sampler(f"{session}:sample:2", "asample")
+
+
+def test_latency_option_delays_every_response(tmp_path: Path, local_service: Any) -> None:
+    config = ServeConfig(
+        models=[TINY],
+        api_key=ApiKey("tml-latency-test-1", "--api-key"),
+        checkpoint_root=tmp_path,
+        latency_ms=300,
+        served=describe_models([TINY]),
+    )
+    client = TestClient(create_app(config, service=local_service))  # no lifespan: shared service
+    started = time.monotonic()
+    response = client.get("/api/v1/healthz", headers={"X-API-Key": "tml-latency-test-1"})
+    assert response.json() == {"status": "ok"}
+    assert time.monotonic() - started >= 0.3
+    capabilities = client.get(
+        "/api/v1/get_server_capabilities", headers={"X-API-Key": "tml-latency-test-1"}
+    ).json()
+    assert types.GetServerCapabilitiesResponse.model_validate(capabilities).supported_models == [
+        types.SupportedModel(
+            model_name=TINY, max_context_length=1024, trainable=True, sampleable=True
+        )
+    ]
