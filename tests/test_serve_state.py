@@ -35,8 +35,17 @@ def test_retrieve_long_polls_until_the_result_is_ready() -> None:
     payload = asyncio.run(store.retrieve(request_id))
     assert payload == Payload(json={"value": 7})
     assert 0.25 < time.monotonic() - started < 3
+    # a client that lost the answer can poll again; retrieved results expire after keep_s
+    assert asyncio.run(store.retrieve(request_id)) == payload
+    short = FutureStore(poll_s=1.0, keep_s=0.05)
+    done: concurrent.futures.Future[int] = concurrent.futures.Future()
+    done.set_result(1)
+    first = short.add(done, as_json, "session-a")
+    asyncio.run(short.retrieve(first))
+    time.sleep(0.1)
+    short.add(done, as_json, "session-a")
     with pytest.raises(UnknownFutureError):
-        asyncio.run(store.retrieve(request_id))  # results are dropped once retrieved
+        asyncio.run(short.retrieve(first))
 
 
 def test_retrieve_answers_try_again_and_keeps_the_request() -> None:
@@ -71,9 +80,12 @@ def test_errors_and_cancellation_become_error_payloads() -> None:
         "error": "the request was cancelled",
         "category": "user",
     }
-    store.add(concurrent.futures.Future(), as_json, "gone")
+    before = len(store)
+    gone = store.add(concurrent.futures.Future(), as_json, "gone")
     store.drop_owner("gone")
-    assert len(store) == 0
+    assert len(store) == before
+    with pytest.raises(UnknownFutureError):
+        store.cancel(gone)
 
 
 class FakeClient:

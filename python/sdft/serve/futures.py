@@ -4,7 +4,9 @@ Every request that the SDK treats as a future (``create_model``, ``forward_backw
 ``optim_step``, ``asample``, ...) is registered here with the local backend's
 ``concurrent.futures.Future`` and an encoder for its result. ``retrieve_future`` long-polls: it
 waits up to ``poll_s`` seconds for the result (no busy-wait) and otherwise answers ``try_again``,
-which the SDK re-polls at once.
+which the SDK re-polls at once. A result stays retrievable for ``keep_s`` seconds after it was
+first retrieved (so a client that lost the answer to a dropped connection can poll again), and an
+unretrieved one for ``ttl_s`` seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _Entry:
     encode: Encoder
     owner: str
     created: float = field(default_factory=time.monotonic)
+    retrieved: float | None = None
 
 
 class UnknownFutureError(KeyError):
@@ -45,11 +48,14 @@ class UnknownFutureError(KeyError):
 
 
 class FutureStore:
-    """Request id -> pending result. Results are dropped once retrieved (or after ``ttl_s``)."""
+    """Request id -> pending result."""
 
-    def __init__(self, *, poll_s: float = 20.0, ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self, *, poll_s: float = 20.0, ttl_s: float = 3600.0, keep_s: float = 60.0
+    ) -> None:
         self.poll_s = poll_s
         self.ttl_s = ttl_s
+        self.keep_s = keep_s
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
@@ -64,8 +70,13 @@ class FutureStore:
         return request_id
 
     def _expire(self) -> None:
-        deadline = time.monotonic() - self.ttl_s
-        for request_id in [k for k, e in self._entries.items() if e.created < deadline]:
+        now = time.monotonic()
+        for request_id in [
+            k
+            for k, e in self._entries.items()
+            if e.created < now - self.ttl_s
+            or (e.retrieved is not None and e.retrieved < now - self.keep_s)
+        ]:
             del self._entries[request_id]
 
     def _entry(self, request_id: str) -> _Entry:
@@ -89,7 +100,8 @@ class FutureStore:
                 raise
         payload = self._payload(entry)
         with self._lock:
-            self._entries.pop(request_id, None)
+            if entry.retrieved is None:
+                entry.retrieved = time.monotonic()
         return payload
 
     @staticmethod
