@@ -153,3 +153,46 @@ def test_latency_option_delays_every_response(tmp_path: Path, local_service: Any
             model_name=TINY, max_context_length=1024, trainable=True, sampleable=True
         )
     ]
+
+
+class RaisingService:
+    """A backend whose calls raise at once (instead of returning a failed future)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def create_lora_training_client(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "detail"),
+    [
+        (ValueError("rank is too large"), 400, "create_model: rank is too large"),
+        (RuntimeError("boom"), 500, "create_model: internal server error: RuntimeError: boom"),
+    ],
+)
+def test_backend_exceptions_become_statuses_and_the_server_keeps_serving(
+    tmp_path: Path, error: Exception, status: int, detail: str
+) -> None:
+    config = ServeConfig(
+        models=[TINY],
+        api_key=ApiKey("tml-raising-test-1", "--api-key"),
+        checkpoint_root=tmp_path,
+        served={TINY: {"path": "unused", "max_context_length": 1024}},
+    )
+    client = TestClient(create_app(config, service=RaisingService(error)))
+    headers = {"X-API-Key": "tml-raising-test-1"}
+    session = client.post(
+        "/api/v1/create_session",
+        json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0"},
+        headers=headers,
+    ).json()["session_id"]
+    request = {"session_id": session, "model_seq_id": 0, "base_model": TINY,
+               "lora_config": {"rank": 4}}  # fmt: skip
+    response = client.post("/api/v1/create_model", json=request, headers=headers)
+    assert (response.status_code, response.json()) == (status, {"detail": detail})
+    assert client.get("/api/v1/healthz", headers=headers).json() == {"status": "ok"}

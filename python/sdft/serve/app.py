@@ -522,9 +522,13 @@ def _guarded(handler: Handler) -> Handler:
             return _error(exc.status, exc.message)
         except ClientDisconnect:
             return _error(400, "the client disconnected before the request was complete")
-        except Exception as exc:  # a server bug: log it, answer 500, keep serving
+        except Exception as exc:
+            status = status_of(exc)
+            where = request.url.path.removeprefix("/api/v1/")
+            if status < 500:  # a rejection the backend raised directly
+                return _error(status, f"{where}: {message_of(exc)}")
             logger.exception("%s %s failed", request.method, request.url.path)
-            return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
+            return _error(500, f"{where}: internal server error: {type(exc).__name__}: {exc}")
 
     return run
 
