@@ -164,3 +164,37 @@ def test_resume_after_a_server_restart(tmp_path: Path, monkeypatch: Any) -> None
     kept = [r for r in rows(moved) if r["split"] == "train" or r["step"] == 5]
     assert [r["step"] for r in kept if r["split"] == "train"] == [1, 2, 3, 4, 5]
     assert_same_metrics(kept, [r for r in rows(local) if r["split"] == "train" or r["step"] == 5])
+
+
+WALKTHROUGH = Path(__file__).resolve().parent.parent / "examples" / "capitals" / "config.yaml"
+
+
+@pytest.mark.real_model
+def test_one_walkthrough_step_over_the_wire_on_smollm2(tmp_path: Path, monkeypatch: Any) -> None:
+    """The capitals walkthrough config, one SDFT step, through ``sdft serve`` on SmolLM2; its
+    metrics equal the same step in-process."""
+    from sdft.models import DEFAULT_MODEL
+
+    data = yaml.safe_load(WALKTHROUGH.read_text())
+    data["algorithm"]["params"]["max_steps"] = 1
+    data["data"]["path"] = str(WALKTHROUGH.parent / data["data"]["path"])
+    for bench in data["metadata"]["benchmark"]:
+        bench["path"] = str(WALKTHROUGH.parent / bench["path"])
+        bench["limit"] = 2
+    data["backend"] = {"kind": "local", "device": "cpu", "dtype": "float32"}
+    data["output_dir"] = str(tmp_path / "local")
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "checkpoints").mkdir()
+    server = start_server(tmp_path / "checkpoints", models=(DEFAULT_MODEL,))
+    try:
+        monkeypatch.setenv("TINKER_API_KEY", server.key)
+        remote = tinker_config(local, server.url)
+        result = train(load_config(remote), progress=False)
+        assert result.status == "completed"
+    finally:
+        server.stop()
+    train(load_config(local), progress=False)
+    wire_rows, local_rows = rows(remote), rows(local)
+    assert [r["split"] for r in wire_rows if r["step"] == 1].count("train") == 1
+    assert_same_metrics(wire_rows, local_rows)
