@@ -574,3 +574,21 @@ def test_validate_deep_runs_the_teacher_check_of_every_stage(tmp_path: Path, cap
         assert "KL(teacher || student)" in line and line.endswith("; base model)")
         assert f"stage {stage} prompts" in out
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_report_only_rebuilds_the_reports_without_training(
+    finished: dict[str, Any], capsys: Any
+) -> None:
+    from sdft.cli import main
+
+    experiment = finished["experiment"]
+    output = experiment.output_dir
+    before = (output / "results.md").read_text()
+    for name in ("results.jsonl", "results.md", "tradeoff.png", "stages.png"):
+        (output / name).unlink()
+    assert main(["continual", str(experiment.path), "--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert "Scored:    17 of 17 (base model included)" in out
+    assert (output / "results.md").read_text() == before
+    assert len(results(output)) == 4 + 8 * 2 * 4
+    assert (output / "tradeoff.png").is_file() and (output / "stages.png").is_file()

@@ -226,6 +226,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--data-root", help="resolve the experiment's relative data and benchmark paths here"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild results.jsonl, results.md and the plots from the scores on "
+        "disk (e.g. of an experiment still running or stopped part-way)",
+    )
     parser.set_defaults(handler=cmd_continual)
 
 
@@ -235,6 +241,19 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
     data_root = Path(args.data_root) if getattr(args, "data_root", None) else None
     experiment = load_experiment(args.experiment, data_root=data_root)
+    if getattr(args, "report_only", False):
+        from sdft.continual.report import write_reports
+        from sdft.continual.runner import result_rows, write_results
+
+        write_results(experiment)
+        scored = {
+            (row["method"], row["learning_rate"], row["seed"], row["stage"])
+            for row in result_rows(experiment)
+        }
+        print(f"Scored:    {len(scored)} of {len(experiment.runs) + 1} (base model included)")
+        for path in write_reports(experiment):
+            print(f"Output:    {path}")
+        return 0
     started = time.perf_counter()
     result = run_experiment(experiment, parallel=args.parallel)
     elapsed = time.perf_counter() - started
