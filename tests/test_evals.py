@@ -690,3 +690,13 @@ def test_run_benchmark_counts_a_timed_out_verifier_as_wrong_and_reports_it(
     assert [record.getMessage() for record in caplog.records] == [
         f"verifier gave up, answer counted as wrong: {problem}"
     ]
+
+
+def test_tool_use_verifiers_survive_hostile_json_in_a_response() -> None:
+    golden = [{"Action": "search", "Action_Input": '{"q": "x"}'}]
+    deep = "Action: search\nAction Input: {" + '"q": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    huge = 'Action: search\nAction Input: {"q": ' + "9" * 5000 + "}"
+    for response in (deep, huge):
+        assert tooluse(response, golden) is False
+        assert tooluse_strict(response, golden) is False
+        assert parse_tool_calls(response) == [ToolCall("search", None)]

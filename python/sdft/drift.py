@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from tinker import types
 
+from sdft import _atomic
 from sdft.data import build_student_prompt
 
 
@@ -110,11 +110,7 @@ def load_drift_prompts(path: str | Path, *, limit: int | None = None) -> list[Dr
             if not line.strip():
                 continue
             where = f"{file}:{number}:"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where} invalid JSON ({exc.msg})") from None
-            prompts.append(_prompt_of(row, where))
+            prompts.append(_prompt_of(_atomic.parse_json_line(line, where), where))
     if not prompts:
         raise ValueError(f"{file}: no drift prompts")
     return prompts[:limit] if limit is not None else prompts

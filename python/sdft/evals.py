@@ -284,7 +284,7 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
         if start:
             try:
                 arguments, _ = decoder.raw_decode(text, start.end())
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, too deep, or an oversized integer
                 arguments = None
         calls.append(ToolCall(match.group(1), arguments))
     return calls
@@ -314,7 +314,7 @@ def _golden_calls(value: Any) -> list[ToolCall]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 arguments = None  # the paper's scorer skips golden inputs that do not parse
         calls.append(ToolCall(action, arguments))
     return calls
@@ -350,7 +350,7 @@ def tooluse(response: str, expected: Any) -> bool:
     for block in _PAPER_ACTION_INPUT.findall(response):
         try:
             predicted_inputs.append(json.loads(block))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
     return predicted_actions == Counter(call.action for call in golden) and _merged_arguments(
         predicted_inputs
