@@ -133,11 +133,8 @@ def test_train_prints_only_sdft_lines_and_debug_restores_the_libraries_output(
     # The same sdft lines (same seed, same run), plus what the libraries print themselves.
     assert [line for line in verbose_err if STEP_LINE.match(line)] == err
     third_party = [line for line in verbose_err if not STEP_LINE.match(line)]
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        # transformers 5 draws a "Loading weights" bar for every model it loads.
-        assert any("Loading weights" in line for line in third_party), verbose.stderr
+    # transformers (>= 5) draws a "Loading weights" bar for every model it loads.
+    assert any("Loading weights" in line for line in third_party), verbose.stderr
     assert all(THIRD_PARTY.search(line) for line in third_party), third_party
 
 
@@ -148,6 +145,25 @@ def test_errors_still_surface_as_one_line(tmp_path: Path) -> None:
     assert lines(result.stderr) == [
         f"sdft: error: config file not found: {tmp_path / 'missing.yaml'}"
     ]
+
+
+@pytest.mark.real_model
+def test_converting_the_embedded_model_prints_nothing(tmp_path: Path) -> None:
+    """The GGUF de-quantization bar ignores transformers' switch; sdft hides it in quiet mode."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "capitals" / "config.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "SDFT_DEBUG"}
+    env["SDFT_CACHE"] = str(tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-m", "sdft.cli", "validate", str(example), "--deep"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""
+    assert "(embedded_gguf)" in result.stdout
+    assert [line for line in lines(result.stdout) if not VALIDATE_LINE.match(line)] == []
 
 
 PROBE = """
