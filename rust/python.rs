@@ -395,10 +395,9 @@ fn pair_items<'py>(
             "entry must be a (token_id, logprob) pair, got a {kind} of {len}"
         )));
     }
-    match (get(0), get(1)) {
-        (Ok(id), Ok(logprob)) => Ok((id, logprob)),
-        _ => Err(not_a_pair(entry)),
-    }
+    let id = get(0).map_err(|_| not_a_pair(entry))?;
+    let logprob = get(1).map_err(|_| not_a_pair(entry))?;
+    Ok((id, logprob))
 }
 
 /// One `(token_id, logprob)` entry.
