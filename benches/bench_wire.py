@@ -30,7 +30,7 @@ import torch
 
 from bench_step import COMPLETION_TOKENS, QUESTIONS, ROUNDS, THREADS, LocalSDFT
 from sdft.backends.local import LocalServiceClient
-from sdft.models import DEFAULT_MODEL
+from sdft.models import DEFAULT_MODEL, TINY_RANDOM_MODEL
 
 KEY = "tml-sdft-bench-wire-key"
 
@@ -40,7 +40,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("wire-checkpoints")
     command = [
         sys.executable, "-m", "sdft.serve", "--port", "0", "--device", "cpu",
-        "--checkpoint-root", str(root), "--models", DEFAULT_MODEL,
+        "--checkpoint-root", str(root), "--models", DEFAULT_MODEL, TINY_RANDOM_MODEL,
     ]  # fmt: skip
     env = {**os.environ, "SDFT_SERVE_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
@@ -64,6 +64,45 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield found[0]
     process.terminate()
     process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_clients(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    import tinker
+
+    wire = tinker.ServiceClient(base_url=server_url, api_key=KEY)
+    with LocalServiceClient(tmp_path_factory.mktemp("tiny"), device="cpu") as local:
+        yield {
+            "in-process": local.create_lora_training_client(
+                TINY_RANDOM_MODEL, rank=4, seed=0
+            ).result(),
+            "over sdft serve": wire.create_lora_training_client(
+                TINY_RANDOM_MODEL, rank=4, seed=0
+            ).result(),
+        }
+
+
+@pytest.mark.parametrize("case", ["in-process", "over sdft serve"])
+def test_request_round_trip_on_the_tiny_model(
+    benchmark: Any, tiny_clients: dict, case: str
+) -> None:
+    """The fixed cost of one request: a forward pass of one 16-token datum on the 2-layer tiny
+    model (compute is negligible, so the difference between the cases is the wire's)."""
+    from tinker import types
+
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(list(range(5, 21))),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=list(range(6, 22)), dtype="int64", shape=[16]),
+            "weights": types.TensorData(data=[1.0] * 16, dtype="float32", shape=[16]),
+        },
+    )
+    client = tiny_clients[case]
+    client.forward([datum], "cross_entropy").result()
+    output = benchmark.pedantic(
+        lambda: client.forward([datum], "cross_entropy").result(), rounds=30, iterations=1
+    )
+    assert output.metrics["loss:sum"] > 0
 
 
 class Alternating:
