@@ -170,3 +170,29 @@ def test_sample_examples_is_a_seeded_sample() -> None:
     assert len(sample_examples(rows, 20)) == 10
     with pytest.raises(ValueError, match="at least one example"):
         asyncio.run(check_teacher([], params=params(), tokenizer=None, student=None, teacher=None))
+
+
+def test_step_zero_check_goes_into_the_summary_and_the_kl_is_logged(tmp_path: Any) -> None:
+    from sdft.config import load_config
+    from sdft.loop import train_async
+    from sdft.runlog import RunLog
+    from support import write_config
+
+    config = load_config(write_config(tmp_path, params={"max_steps": 2}, benchmarks=[]))
+    asyncio.run(train_async(config, progress=False, teacher_check=3))
+    rows = RunLog(config.output_dir).read_metrics()
+    checks = [row for row in rows if row["split"] == "teacher_check"]
+    assert len(checks) == 1 and checks[0]["step"] == 0
+    logged = checks[0]["metrics"]
+    assert logged["teacher_check/examples"] == 3.0
+    assert logged["teacher_check/teacher_student_kl"] >= -1e-6
+    restored = check_from_metrics(logged)
+    assert restored is not None
+    summary = (config.output_dir / "summary.md").read_text()
+    assert restored.markdown() in summary
+    for row in rows:
+        if row["split"] == "train":
+            metrics = row["metrics"]
+            expected = metrics["train/mean_loss"] - metrics["train/teacher_entropy"]
+            assert metrics["train/teacher_student_kl"] == pytest.approx(expected, rel=1e-12)
+            assert metrics["train/teacher_student_kl"] >= -1e-6

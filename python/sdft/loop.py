@@ -109,9 +109,11 @@ class Trainer:
         *,
         progress: bool = True,
         allow_nan: bool = False,
+        teacher_check: int = 0,
     ) -> None:
         self.config = config
         self.allow_nan = allow_nan
+        self.teacher_check = teacher_check
         self.params = config.params
         self.service = service_client
         self.progress = progress
@@ -352,6 +354,23 @@ class Trainer:
             progress=self.progress,
         )
 
+    async def _check_teacher(self) -> None:
+        """Step 0: does the teacher know more than the student? (``summary.md`` section)"""
+        from sdft.metricrows import TEACHER_CHECK_SPLIT
+        from sdft.teacher_check import check_teacher, sample_examples
+
+        assert self.dataset is not None and self.teacher is not None
+        check = await check_teacher(
+            sample_examples(self.dataset.examples, self.teacher_check, self.config.seed),
+            params=self.params,
+            tokenizer=self.tokenizer,
+            student=await self._current_sampler(),
+            teacher=self.teacher.client,
+            training_client=self.training_client,
+            seed=self.config.seed,
+        )
+        self.runlog.log_metrics(0, TEACHER_CHECK_SPLIT, check.metrics())
+
     def write_reports(self, status: str, error: str | None = None) -> None:
         self.runlog.write_summary(
             status=status,
@@ -385,6 +404,8 @@ class Trainer:
         max_steps = self.params.max_steps
         if self.step == 0:
             await self._evaluate(0)
+            if sdft and self.teacher_check:
+                await self._check_teacher()
         bar = Progress(max_steps, "train", enabled=self.progress, initial=self.step)
         try:
             for step in range(self.step + 1, max_steps + 1):
@@ -463,12 +484,18 @@ async def train_async(
     service_client: Any = None,
     progress: bool = True,
     allow_nan: bool = False,
+    teacher_check: int = 0,
 ) -> RunResult:
-    """Run (or resume) the training job ``config`` describes; see :func:`train`."""
+    """Run (or resume) the training job ``config`` describes; see :func:`train`.
+
+    ``teacher_check``: at step 0 of an SDFT run, check the teacher against the student on this
+    many training examples (:mod:`sdft.teacher_check`; a section of ``summary.md``)."""
     if service_client is None:
         # First, so that a missing key or an unreachable service fails before anything is written.
         service_client = build_service_client(config)
-    trainer = Trainer(config, service_client, progress=progress, allow_nan=allow_nan)
+    trainer = Trainer(
+        config, service_client, progress=progress, allow_nan=allow_nan, teacher_check=teacher_check
+    )
     # The data and benchmarks load before output_dir is touched: a bad file leaves no run behind.
     trainer.dataset = load_dataset(config)
     trainer.benchmarks = load_benchmarks(config)

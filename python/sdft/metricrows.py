@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 LOSS_KEY = "train/mean_loss"
+KL_KEY = "train/teacher_student_kl"
 TRAIN_SPLIT = "train"
+TEACHER_CHECK_SPLIT = "teacher_check"
 
 
 def benchmark_metric_key(split: str, name: str, metric: str) -> str:
@@ -38,7 +40,7 @@ def benchmark_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[
     """``{metric key: [(step, value), ...]}`` for every non-train metric, steps ascending."""
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
-        if row["split"] == TRAIN_SPLIT:
+        if row["split"] in (TRAIN_SPLIT, TEACHER_CHECK_SPLIT):
             continue
         for key, value in row["metrics"].items():
             if _is_number(value):
@@ -56,6 +58,18 @@ def loss_series(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
         if row["split"] == TRAIN_SPLIT and _is_number(row["metrics"].get(LOSS_KEY))
     ]
     return sorted(points)
+
+
+def training_signal(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, float]]]:
+    """What the plots show for training: ``train/teacher_student_kl`` when the run logs it (SDFT's
+    top-K cross-entropy minus the teacher's entropy, which goes to 0 as the student matches the
+    teacher), else ``train/mean_loss``."""
+    points = sorted(
+        (row["step"], float(row["metrics"][KL_KEY]))
+        for row in rows
+        if row["split"] == TRAIN_SPLIT and _is_number(row["metrics"].get(KL_KEY))
+    )
+    return (KL_KEY, points) if points else (LOSS_KEY, loss_series(rows))
 
 
 def last_train_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from sdft import _atomic
-from sdft.metricrows import LOSS_KEY, benchmark_series, loss_series
+from sdft.metricrows import LOSS_KEY, benchmark_series, loss_series, training_signal
 
 
 def _title(figure: Figure, title: str) -> None:
@@ -36,12 +36,12 @@ def write_metrics_plot(
     """Loss over steps (left) and every benchmark metric over steps (right)."""
     figure = Figure(figsize=(11, 4))
     loss_axis, bench_axis = figure.subplots(1, 2)
-    loss = loss_series(rows)
+    signal, loss = training_signal(rows)
     if loss:
         loss_axis.plot([p[0] for p in loss], [p[1] for p in loss], marker=".", color="tab:blue")
     else:
         loss_axis.text(0.5, 0.5, "no training step yet", ha="center", va="center")
-    loss_axis.set_title(LOSS_KEY)
+    loss_axis.set_title(signal)
     loss_axis.set_xlabel("step")
     loss_axis.grid(alpha=0.3)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from sdft import _atomic
 from sdft.metricrows import (
+    TEACHER_CHECK_SPLIT,
     benchmark_metric_key,
     benchmark_series,
     final_metrics,
@@ -231,6 +232,15 @@ def render_summary(
         for key in sorted(metrics):
             lines.append(f"| `{key}` | {_format_value(metrics[key])} |")
     lines.append("")
+
+    checks = [row for row in rows if row["split"] == TEACHER_CHECK_SPLIT]
+    if checks:
+        from sdft.teacher_check import check_from_metrics
+
+        check = check_from_metrics(dict(checks[-1]["metrics"]))
+        if check is not None:
+            lines.extend(check.markdown().splitlines())
+            lines.append("")
 
     lines.append("## Benchmarks")
     lines.append("")

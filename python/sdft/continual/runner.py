@@ -323,7 +323,13 @@ class ExperimentRunner:
                 _atomic.write_json(run.output_dir / START_NAME, start)
                 started = time.perf_counter()
                 self.log(f"{run.label}: training {run.config.params.max_steps} steps")
-                await train_async(run.config, resume=True, service_client=service, progress=False)
+                await train_async(
+                    run.config,
+                    resume=True,
+                    service_client=service,
+                    progress=False,
+                    teacher_check=self.experiment.spec.teacher_check_examples,
+                )
                 self.result.trained.append(run.label)
                 self.log(f"{run.label}: trained ({time.perf_counter() - started:.0f} s)")
                 record = _final_checkpoint(run)
