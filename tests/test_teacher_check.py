@@ -196,3 +196,23 @@ def test_step_zero_check_goes_into_the_summary_and_the_kl_is_logged(tmp_path: An
             expected = metrics["train/mean_loss"] - metrics["train/teacher_entropy"]
             assert metrics["train/teacher_student_kl"] == pytest.approx(expected, rel=1e-12)
             assert metrics["train/teacher_student_kl"] >= -1e-6
+
+
+def test_validate_teacher_check_on_a_run_config(tmp_path: Any, capsys: Any) -> None:
+    from sdft.cli import main
+    from support import write_config
+
+    path = write_config(tmp_path, benchmarks=[])
+    assert main(["validate", str(path), "--teacher-check", "2"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "teacher check" in ln]
+    assert (
+        lines[0]
+        .split("] teacher check")[1]
+        .strip()
+        .startswith("2 examples: golden-answer NLL/token")
+    )
+    assert "KL(teacher || student)" in lines[0]
+    assert not (tmp_path / "out").exists()
+    sft = write_config(tmp_path, kind="sft", benchmarks=[], name="sft.yaml")
+    assert main(["validate", str(sft), "--teacher-check", "2"]) == 0
+    assert "[skip] teacher check" in capsys.readouterr().out

@@ -333,6 +333,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         allow_nan=args.allow_nan,
+        teacher_check=args.teacher_check,
     )
     print(f"Status:    {result.status}")
     print(f"Steps:     {result.steps_completed}/{result.max_steps}")
@@ -355,6 +356,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data_root = Path(args.data_root) if args.data_root else None
         return cmd_validate_experiment(Path(args.config), deep=args.deep, data_root=data_root)
     checks = run_checks(Path(args.config), deep=args.deep)
+    if args.teacher_check and not any(check.status == "FAIL" for check in checks):
+        from sdft.config import load_config
+        from sdft.teacher_check import validation_rows
+
+        rows = validation_rows(load_config(args.config), args.teacher_check)
+        checks.extend(Check(*row) for row in rows)
     for check in checks:
         print(redact(check.line()))
     failed = [check for check in checks if check.status == "FAIL"]
@@ -431,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep training after a step with a non-finite loss (default: the run stops, failed)",
     )
+    train.add_argument(
+        "--teacher-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="SDFT: at step 0, check the teacher against the student on N training examples "
+        "(a section of summary.md)",
+    )
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check a config offline")
@@ -440,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument(
         "--data-root", help="experiments only: where relative data and benchmark paths resolve"
+    )
+    validate.add_argument(
+        "--teacher-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run configs: load the model and check the teacher against the student on N "
+        "training examples (local backend; experiments check every stage with --deep)",
     )
     validate.set_defaults(handler=cmd_validate)
 

@@ -533,6 +533,7 @@ def train(
     service_client: Any = None,
     progress: bool = True,
     allow_nan: bool = False,
+    teacher_check: int = 0,
 ) -> RunResult:
     """Train as configured, writing every output into ``config.output_dir``.
 
@@ -540,6 +541,7 @@ def train(
     existing run; ``service_client`` replaces the one ``backend`` would build (tests, wrappers);
     ``allow_nan`` keeps training after a step with a non-finite loss (by default the run stops
     with status ``failed``). SIGTERM, like Ctrl-C, ends the run with status ``interrupted``.
+    ``teacher_check``: see :func:`train_async`.
     """
     return asyncio.run(
         train_async(
@@ -549,6 +551,7 @@ def train(
             service_client=service_client,
             progress=progress,
             allow_nan=allow_nan,
+            teacher_check=teacher_check,
         )
     )
 

@@ -387,6 +387,35 @@ async def check_base_model(
     )
 
 
+def validation_rows(config: Config, count: int) -> list[tuple[str, str, str]]:
+    """``sdft validate CONFIG --teacher-check N``: the check of the base model as
+    ``(name, status, detail)`` rows (status ``warn`` with each warning); local backend only.
+    Checkpoints of the throw-away training client go to a temporary folder."""
+    import tempfile
+
+    if config.algorithm.kind != "sdft":
+        return [("teacher check", "skip", "algorithm.kind sft has no teacher")]
+    if config.backend.kind != "local":
+        return [("teacher check", "skip", "needs the Tinker service; see summary.md at step 0")]
+    from sdft.backends.local import LocalServiceClient
+    from sdft.datasets import load_examples
+
+    data = config.data
+    examples = load_examples(
+        data.path, source_kind=data.source_kind, fields=data.fields, split=data.split
+    )
+    with tempfile.TemporaryDirectory(prefix="sdft-teacher-check-") as root:
+        service = LocalServiceClient(
+            checkpoint_root=root, device=config.backend.device, dtype=config.backend.dtype
+        )
+        try:
+            check = asyncio.run(check_base_model(service, config, examples, count=count))
+        finally:
+            service.close()
+    rows = [("teacher check", "warn" if check.warnings else "ok", check.summary_line())]
+    return rows + [("teacher check", "warn", warning) for warning in check.warnings]
+
+
 __all__ = [
     "MIN_KL",
     "NLL_MARGIN",
@@ -395,4 +424,5 @@ __all__ = [
     "check_from_metrics",
     "check_teacher",
     "sample_examples",
+    "validation_rows",
 ]

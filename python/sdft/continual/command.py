@@ -175,10 +175,16 @@ def _deep_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]) -> list
 
 
 async def _teacher_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]) -> list[CheckRow]:
-    from sdft.continual.runner import build_experiment_service
+    import tempfile
+
+    from sdft.backends.local import LocalServiceClient
     from sdft.teacher_check import check_base_model
 
-    service = build_experiment_service(experiment)
+    backend = experiment.base_config.backend
+    scratch = tempfile.TemporaryDirectory(prefix="sdft-teacher-check-")
+    service = LocalServiceClient(
+        checkpoint_root=scratch.name, device=backend.device, dtype=backend.dtype
+    )
     rows: list[CheckRow] = []
     try:
         for run in experiment.stage_runs(experiment.chains[0]):
@@ -199,9 +205,8 @@ async def _teacher_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]
             for warning in check.warnings:
                 rows.append((f"stage {run.index} teacher", "warn", warning))
     finally:
-        close = getattr(service, "close", None)
-        if callable(close):
-            close()
+        service.close()
+        scratch.cleanup()
     return rows
 
 
