@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeAlias
+from typing import Any, Self, TypeAlias
 
 import numpy as np
 import tinker
@@ -78,6 +78,42 @@ class CompletionSlice:
     tokens: list[int]
     teacher_prompt_len: int
     truncated: bool = False
+
+
+class _CheckedTokens(list[int]):
+    """The ``tokens`` list of a :class:`CompletionSlice` made by :func:`extract_completion_tokens`:
+    an ordinary list whose elements were Python ints in ``[0, _MAX_TOKEN_ID]`` when it was made.
+
+    :func:`build_teacher_forced_sequence` uses such a list as it is instead of converting it to an
+    array and back to check it again. Any change that can add a value clears ``checked``, so a list
+    edited in place is checked like any other input.
+    """
+
+    __slots__ = ("checked",)
+
+    def __init__(self, tokens: list[int]) -> None:
+        super().__init__(tokens)
+        self.checked = True
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.checked = False
+        super().__setitem__(index, value)
+
+    def __iadd__(self, values: Iterable[int]) -> Self:  # type: ignore[misc,override]  # as typeshed has for list
+        self.checked = False
+        return super().__iadd__(values)
+
+    def append(self, value: Any) -> None:
+        self.checked = False
+        super().append(value)
+
+    def extend(self, values: Any) -> None:
+        self.checked = False
+        super().extend(values)
+
+    def insert(self, index: Any, value: Any) -> None:
+        self.checked = False
+        super().insert(index, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +238,19 @@ def _token_array(name: str, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def _text_chunk(tokens: list[int]) -> tinker.EncodedTextChunk:
+    """A text chunk of ``tokens``, a list of Python ints already checked by :func:`_token_array`.
+
+    Built without pydantic's per-element validation, which would only repeat that check (it costs
+    more than the rest of the student datum on a 1,500-token completion)."""
+    return tinker.EncodedTextChunk.model_construct(tokens=tokens)
+
+
+def _model_input(chunks: list[Any]) -> tinker.ModelInput:
+    """A ``ModelInput`` of chunks that are already validated ``ModelInputChunk`` instances."""
+    return tinker.ModelInput.model_construct(chunks=chunks)
+
+
 def student_datum_from_rollout(
     *,
     prompt: tinker.ModelInput,
@@ -218,12 +267,12 @@ def student_datum_from_rollout(
     """
     prompt_tokens = prompt.to_ints()
     completion = _token_array("completion_tokens", completion_tokens)
-    p, c = len(prompt_tokens), len(completion)
+    p, c = len(prompt_tokens), completion.size
     if p == 0:
         raise ValueError("prompt must contain at least one token")
     n = p + c - 1
     if c >= 2:
-        model_input = prompt.append(tinker.EncodedTextChunk(tokens=completion[:-1].tolist()))
+        model_input = _model_input([*prompt.chunks, _text_chunk(completion[:-1].tolist())])
     elif c == 1:
         model_input = prompt
     else:
@@ -299,18 +348,26 @@ def extract_completion_tokens(
     max_context_length = _non_negative_int("max_context_length", max_context_length)
     mask = _loss_input(datum, "datum", "mask")
     targets = _loss_input(datum, "datum", "target_tokens")
-    positions = np.flatnonzero(mask > 0)
-    if positions.size == 0:
+    trained = mask > 0
+    first = int(trained.argmax()) if trained.size else 0
+    if trained.size == 0 or not trained[first]:
         return CompletionSlice(tokens=[], teacher_prompt_len=teacher_prompt_len, truncated=False)
-    tokens = targets[positions[0] :].tolist()
     available = max_context_length - teacher_prompt_len
     if available <= 0:
         return CompletionSlice(tokens=[], teacher_prompt_len=teacher_prompt_len, truncated=True)
-    truncated = len(tokens) > available
+    truncated = targets.size - first > available
+    kept = targets[first : first + available] if truncated else targets[first:]
     return CompletionSlice(
-        tokens=tokens[:available] if truncated else tokens,
+        tokens=_CheckedTokens(kept.tolist()) if _valid_ids(kept) else kept.tolist(),
         teacher_prompt_len=teacher_prompt_len,
         truncated=truncated,
+    )
+
+
+def _valid_ids(tokens: np.ndarray) -> bool:
+    """Whether a non-empty array holds only integer token ids in ``[0, _MAX_TOKEN_ID]``."""
+    return (
+        tokens.dtype.kind in "iu" and int(tokens.min()) >= 0 and int(tokens.max()) <= _MAX_TOKEN_ID
     )
 
 
@@ -319,12 +376,17 @@ def build_teacher_forced_sequence(
 ) -> tinker.ModelInput:
     """``teacher_prompt + completion_tokens`` as one ``EncodedTextChunk`` (the prompt's chunks are
     kept as they are when it holds non-text chunks)."""
-    completion = _token_array("completion_tokens", completion_tokens).tolist()
-    if not completion:
+    if type(completion_tokens) is _CheckedTokens and completion_tokens.checked:
+        tokens: list[int] = completion_tokens
+    else:
+        tokens = _token_array("completion_tokens", completion_tokens).tolist()
+    if not tokens:
         return teacher_prompt
-    if all(isinstance(chunk, tinker.EncodedTextChunk) for chunk in teacher_prompt.chunks):
-        return tinker.ModelInput.from_ints(teacher_prompt.to_ints() + completion)
-    return teacher_prompt.append(tinker.EncodedTextChunk(tokens=completion))
+    chunks = teacher_prompt.chunks
+    # The prompt's chunks were validated when it was built; the completion was just checked.
+    if all(isinstance(chunk, tinker.EncodedTextChunk) for chunk in chunks):
+        return _model_input([_text_chunk(teacher_prompt.to_ints() + tokens)])
+    return _model_input([*chunks, _text_chunk(list(tokens))])
 
 
 def strip_mask(datum: tinker.Datum) -> tinker.Datum:
