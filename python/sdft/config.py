@@ -163,6 +163,11 @@ class AlgorithmParams(_Strict):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     grad_clip_norm: Annotated[float, Field(ge=0.0)] = 0.0
     weight_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    # How a step's requests are scheduled (sdft.schedules): streamed per question (the default) or
+    # gathered phase by phase; same requests, same results. overlap_sampling samples the next batch
+    # while the current one trains (one step off-policy, recorded as train/off_policy_steps).
+    streaming: bool = True
+    overlap_sampling: bool = False
 
     @field_validator("user_template")
     @classmethod
@@ -190,6 +195,10 @@ class AlgorithmSection(_Strict):
         if self.kind == "sft":
             if params.loss != "cross_entropy":
                 raise ValueError("params.loss applies to kind: sdft; sft trains with cross_entropy")
+            if params.overlap_sampling:
+                raise ValueError(
+                    "params.overlap_sampling applies to kind: sdft; sft does not sample"
+                )
             return self
         if params.loss == "reverse_kl" and params.topk == 0:
             raise ValueError("params.loss: reverse_kl needs params.topk > 0")
@@ -741,7 +750,8 @@ def _same_place(a: Any, b: Any, old_root: Any, new_root: Any) -> bool:
 
 def training_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Key paths whose values differ between two resolved configs, ignoring what a resumed run may
-    change: ``max_steps``, ``save_every``, the benchmarks, ``output_dir``, the device, ``base_url``.
+    change: ``max_steps``, ``save_every``, the benchmarks, ``output_dir``, the device, ``base_url``
+    and the step's scheduling (``streaming``, ``overlap_sampling``).
 
     Paths (data, checkpoint root, a local model directory) are compared relative to each config's
     ``output_dir`` when they differ as absolute paths, so a project folder copied or moved with
@@ -753,6 +763,8 @@ def training_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         ("output_dir",),
         ("backend", "device"),
         ("backend", "base_url"),
+        ("algorithm", "params", "streaming"),
+        ("algorithm", "params", "overlap_sampling"),
     }
     old_root, new_root = old.get("output_dir"), new.get("output_dir")
     differences: list[str] = []

@@ -4,11 +4,12 @@ One SDFT step (the paper's algorithm, the cookbook's recipe):
 
 1. the student samples ``group_size`` completions per question, on-policy, from the student
    prompt (``user_template`` through the chat template) — or from the teacher prompt when
-   ``generate_from_teacher`` is set; all requests of the batch are in flight at once;
+   ``generate_from_teacher`` is set; all requests of the batch are in flight at once
+   (:class:`sdft.rollouts.SamplingRound`);
 2. the teacher prompt shows the golden answer as an in-context demonstration
    (:func:`sdft.data.build_teacher_prompt`);
 3. the teacher scores ``teacher_prompt + completion`` (truncated to ``max_context_length``) with
-   ``topk_prompt_logprobs = topk``, all requests at once;
+   ``topk_prompt_logprobs = topk``;
 4. :func:`sdft.data.build_topk_targets` turns the dense responses into ``(N, K)`` datums and the
    student trains: ``cross_entropy`` (forward KL over the teacher's top-K), ``reverse_kl`` (custom
    loss), ``topk: 0`` (importance-sampling fallback) or ``full_kl`` (local backend: exact
@@ -16,6 +17,13 @@ One SDFT step (the paper's algorithm, the cookbook's recipe):
 5. the student's sampler is refreshed from the new weights; the teacher is the frozen base model
    (``static``), re-synced from the student every ``sync_every`` steps (``sync``) or an EMA of the
    student (``ema``, local backend).
+
+Steps 1–5 are streamed per question by default (:mod:`sdft.schedules`: a question is scored as
+soon as its rollouts arrive, training and the sampler refresh are submitted as soon as they can
+be), with the same requests and results as running them phase by phase (``streaming: false``).
+``overlap_sampling`` samples batch ``s + 1`` with the sampler of step ``s`` while step ``s``
+trains: one step off-policy (``train/off_policy_steps``), as the cookbook's async RL does. A
+resumed run samples its first step on-policy.
 
 The SFT baseline (``algorithm.kind: sft``) trains ``cross_entropy`` on the golden answers with the
 same config, data, evaluation and logging.
@@ -39,13 +47,14 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from tinker import types
 
 from sdft import checkpoints as ckpt
 from sdft import data as sdft_data
-from sdft.clients import build_service_client, resolve, sampling_seed, stop_tokens
+from sdft.clients import build_service_client, resolve, stop_tokens
 from sdft.config import Config
 from sdft.datasets import SDFTBatch, SimpleSDFTDataset, load_examples
 from sdft.evals import Benchmark
@@ -57,9 +66,10 @@ from sdft.evaluation import (
     evaluate_checkpoint,
     load_benchmarks,
 )
-from sdft.objectives import Objective, Rollouts, objective_for, weighted_positions
+from sdft.objectives import Objective, objective_for, weighted_positions
 from sdft.optimizer import adam_params, learning_rate_at, split_evenly, train_pipelined
 from sdft.progress import Progress
+from sdft.rollouts import QuestionPrompts, SamplingRound
 from sdft.rundir import (
     RunDirectoryError,
     RunResult,
@@ -70,6 +80,7 @@ from sdft.rundir import (
     result_from_log,
 )
 from sdft.runlog import RunLog
+from sdft.schedules import StepHooks, schedule_for
 from sdft.teachers import TeacherPolicy, teacher_policy
 
 
@@ -99,6 +110,16 @@ def load_dataset(config: Config) -> SimpleSDFTDataset:
     return SimpleSDFTDataset(examples, batch_size=batch_size, num_epochs=epochs, seed=config.seed)
 
 
+@dataclass
+class _Prefetched:
+    """The next batch's rollouts, sampled while the current batch trains (``overlap_sampling``):
+    ``sampling`` was submitted to a sampler holding the weights after ``weights_step`` steps."""
+
+    step: int
+    sampling: SamplingRound
+    weights_step: int
+
+
 class Trainer:
     """Runs one configured training job against a service client (local or Tinker)."""
 
@@ -121,12 +142,18 @@ class Trainer:
         self.training_client: Any = None
         self.sampler: Any = None
         self.sampler_stale = True
+        self.sampler_weights_step = 0  # optimizer steps in the sampler's weights
+        # a refresh submitted and not yet awaited, with the optimizer steps in its weights
+        self._pending_sampler: tuple[Any, int] | None = None
+        self._prefetched: _Prefetched | None = None
+        self.schedule = schedule_for(config.params.streaming)
         self.teacher: TeacherPolicy | None = None
         self.objective: Objective | None = None
         self.tokenizer: Any = None
         self.dataset: SimpleSDFTDataset | None = None
         self.benchmarks: dict[str, Benchmark] = {}
         self.step = 0
+        self.steps_trained = 0  # optimizer steps whose training has finished
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -158,8 +185,19 @@ class Trainer:
             )
         )
 
+    def _submit_refresh(self, weights_step: int) -> None:
+        """Ask for a sampler of the weights as they will be once the requests already submitted
+        to the training client have run (it runs them in order): ``weights_step`` steps."""
+        if self._pending_sampler is None:
+            request = self.training_client.save_weights_and_get_sampling_client()
+            self._pending_sampler = (request, weights_step)
+
     async def _refresh_sampler(self) -> None:
-        self.sampler = await resolve(self.training_client.save_weights_and_get_sampling_client())
+        self._submit_refresh(self.steps_trained)
+        assert self._pending_sampler is not None
+        (request, weights_step), self._pending_sampler = self._pending_sampler, None
+        self.sampler = await resolve(request)
+        self.sampler_weights_step = weights_step
         self.sampler_stale = False
 
     async def _current_sampler(self) -> Any:
@@ -192,91 +230,86 @@ class Trainer:
             enable_thinking=self.params.enable_thinking,
         )
 
-    async def _sample_rollouts(self, step: int, batch: SDFTBatch) -> Rollouts:
-        """The student's on-policy completions of the batch, all requests in flight at once."""
-        params = self.params
-        student_prompts, teacher_prompts = [], []
+    def _question_prompts(self, batch: SDFTBatch) -> list[QuestionPrompts]:
+        prompts = []
         for example in batch.examples:
             system = self._system_prompt(example.system_prompt)
-            student_prompts.append(self._student_prompt(example.question, system))
-            teacher_prompts.append(
-                self._teacher_prompt(example.question, example.golden_answer, system)
+            prompts.append(
+                QuestionPrompts(
+                    student=self._student_prompt(example.question, system),
+                    teacher=self._teacher_prompt(example.question, example.golden_answer, system),
+                )
             )
-        generation_prompts = teacher_prompts if params.generate_from_teacher else student_prompts
-        stop = stop_tokens(self.tokenizer)
-        sampler = await self._current_sampler()
-        requests = [
-            sampler.sample(
-                prompt,
-                num_samples=params.group_size,
-                sampling_params=types.SamplingParams(
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    seed=sampling_seed(self.config.seed, step, index),
-                    stop=stop,
-                ),
-            )
-            for index, prompt in enumerate(generation_prompts)
-        ]
-        responses = await asyncio.gather(*(request.result_async() for request in requests))
-        rollouts = Rollouts()
-        for prompt_index, response in enumerate(responses):
-            teacher_prompt = teacher_prompts[prompt_index]
-            for sequence in response.sequences:
-                tokens = list(sequence.tokens)
-                if not tokens:
-                    continue
-                datum = sdft_data.student_datum_from_rollout(
-                    prompt=student_prompts[prompt_index], completion_tokens=tokens
-                )
-                completion = sdft_data.extract_completion_tokens(
-                    datum, teacher_prompt.length, max_context_length=params.max_context_length
-                )
-                rollouts.student_data.append(datum)
-                rollouts.slices.append(completion)
-                rollouts.teacher_sequences.append(
-                    sdft_data.build_teacher_forced_sequence(teacher_prompt, completion.tokens)
-                    if len(completion.tokens) > 0
-                    else None
-                )
-                rollouts.sampled_logprobs.append(list(sequence.logprobs or []))
-                rollouts.completion_lengths.append(len(tokens))
-        if not rollouts.student_data:
-            raise RuntimeError(f"step {step}: the student produced no completion tokens")
-        return rollouts
+        return prompts
+
+    def _sampling_round(self, step: int, batch: SDFTBatch, sampler: Any) -> SamplingRound:
+        """The student's completions of ``batch`` for ``step``, every request in flight at once."""
+        return SamplingRound(
+            sampler,
+            self._question_prompts(batch),
+            params=self.params,
+            seed=self.config.seed,
+            step=step,
+            stop=stop_tokens(self.tokenizer),
+        )
+
+    def _prefetch(self, step: int) -> None:
+        """``overlap_sampling``: sample ``step``'s batch now, on the current sampler."""
+        if not self.params.overlap_sampling or step > self.params.max_steps:
+            return
+        assert self.dataset is not None
+        sampling = self._sampling_round(step, self.dataset.get_batch(step - 1), self.sampler)
+        self._prefetched = _Prefetched(step, sampling.start(), self.sampler_weights_step)
+
+    def _drop_prefetched(self) -> None:
+        if self._prefetched is not None:
+            self._prefetched.sampling.cancel()
+            self._prefetched = None
 
     # --- one step -----------------------------------------------------------------------------
 
     async def sdft_step(self, step: int, batch: SDFTBatch) -> dict[str, Any]:
-        """Sample on-policy, let the teacher score, train the objective; returns the metrics."""
+        """Sample on-policy (or take the overlapped rollouts), let the teacher score, train the
+        objective; returns the metrics."""
         if self.teacher is None or self.objective is None:
             raise RuntimeError("sdft_step needs the teacher and objective of Trainer.run")
-        started = time.perf_counter()
-        rollouts = await self._sample_rollouts(step, batch)
-        sampled = time.perf_counter()
-        scores = await self.objective.score(self.teacher.client, rollouts)
-        teacher_done = time.perf_counter()
-        outcome = await self.objective.train(rollouts, scores, step)
-        trained = time.perf_counter()
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched.step == step:
+            sampling, weights_step = prefetched.sampling, prefetched.weights_step
+        else:
+            if prefetched is not None:
+                prefetched.sampling.cancel()
+            sampler = await self._current_sampler()
+            sampling, weights_step = (
+                self._sampling_round(step, batch, sampler),
+                self.sampler_weights_step,
+            )
+        hooks = StepHooks(
+            sampled=lambda: self._prefetch(step + 1),
+            training_submitted=lambda: self._submit_refresh(step),
+        )
+        outcome = await self.schedule.run(
+            sampling, self.teacher.client, self.objective, step, hooks
+        )
+        rollouts, result = outcome.rollouts, outcome.result
 
         lengths = rollouts.completion_lengths
-        metrics = dict(outcome.metrics)
+        metrics = dict(result.metrics)
         metrics.update(
             {
-                "train/mean_loss": outcome.loss_sum / outcome.distilled
-                if outcome.distilled
-                else None,
-                "train/loss_sum": outcome.loss_sum,
-                "train/distilled_tokens": outcome.distilled,
+                "train/mean_loss": result.loss_sum / result.distilled if result.distilled else None,
+                "train/loss_sum": result.loss_sum,
+                "train/distilled_tokens": result.distilled,
                 "train/completion_tokens": sum(lengths),
                 "train/mean_completion_length": sum(lengths) / len(lengths),
                 "train/num_sequences": len(lengths),
                 "train/truncated": sum(1 for s in rollouts.slices if s.truncated),
                 "train/num_tokens": sum(d.model_input.length for d in rollouts.student_data),
                 "train/learning_rate": learning_rate_at(self.config, step),
-                "time/sample_s": sampled - started,
-                "time/teacher_s": teacher_done - sampled,
-                "time/train_s": trained - teacher_done,
+                "train/off_policy_steps": step - 1 - weights_step,
+                "time/sample_s": outcome.sampled_s,
+                "time/teacher_s": outcome.scored_s - outcome.sampled_s,
+                "time/train_s": outcome.trained_s - outcome.scored_s,
             }
         )
         return metrics
@@ -381,6 +414,47 @@ class Trainer:
         )
         self.runlog.write_plot(title=self.description())
 
+    async def prepare(
+        self, resume_from: ckpt.CheckpointRecord | None, training_client: Any = None
+    ) -> None:
+        """The training client (``training_client``, or one created from ``resume_from`` or the
+        base model), tokenizer, teacher and objective; the data when not loaded yet."""
+        config = self.config
+        if self.dataset is None:
+            self.dataset = load_dataset(config)
+            self.benchmarks = load_benchmarks(config)
+        self.step = resume_from.step if resume_from is not None else 0
+        self.steps_trained = self.sampler_weights_step = self.step
+        self.training_client = training_client or await self.create_training_client(resume_from)
+        self.tokenizer = self.training_client.get_tokenizer()
+        if config.algorithm.kind == "sdft":
+            self.teacher = teacher_policy(self.params.teacher, self.service, config.model.name)
+            await self.teacher.create(self.training_client, resume_from)
+            self.objective = objective_for(config, self.training_client, self.tokenizer)
+
+    async def train_step(self, step: int) -> dict[str, Any]:
+        """Train step ``step`` (1-based) of the data: the SDFT or SFT step, then the sampler
+        refresh and teacher update of SDFT; returns the step's metrics (not yet logged)."""
+        assert self.dataset is not None
+        batch = self.dataset.get_batch(step - 1)
+        if self.config.algorithm.kind == "sdft":
+            metrics = await self.sdft_step(step, batch)
+        else:
+            metrics = await self.sft_step(step, batch)
+        self.steps_trained = step
+        refresh_started = time.perf_counter()
+        self.sampler_stale = True
+        if self.teacher is not None:
+            # SDFT samples on-policy every step (SFT refreshes only for a benchmark).
+            await self._refresh_sampler()
+            await self.teacher.after_step(step, self.training_client)
+        metrics["time/refresh_s"] = time.perf_counter() - refresh_started
+        return metrics
+
+    def close(self) -> None:
+        """Drop what is still in flight for a step that will not run (overlapped sampling)."""
+        self._drop_prefetched()
+
     async def run(
         self, resume_from: ckpt.CheckpointRecord | None, training_client: Any = None
     ) -> RunResult:
@@ -389,16 +463,8 @@ class Trainer:
         ``training_client``: one already created from ``resume_from`` (default: created here)."""
         config = self.config
         sdft = config.algorithm.kind == "sdft"
-        if self.dataset is None:
-            self.dataset = load_dataset(config)
-            self.benchmarks = load_benchmarks(config)
-        self.step = resume_from.step if resume_from is not None else 0
-        self.training_client = training_client or await self.create_training_client(resume_from)
-        self.tokenizer = self.training_client.get_tokenizer()
-        if sdft:
-            self.teacher = teacher_policy(self.params.teacher, self.service, config.model.name)
-            await self.teacher.create(self.training_client, resume_from)
-            self.objective = objective_for(config, self.training_client, self.tokenizer)
+        await self.prepare(resume_from, training_client)
+        assert self.dataset is not None
         self.write_reports("running")
 
         max_steps = self.params.max_steps
@@ -409,18 +475,7 @@ class Trainer:
         bar = Progress(max_steps, "train", enabled=self.progress, initial=self.step)
         try:
             for step in range(self.step + 1, max_steps + 1):
-                batch = self.dataset.get_batch(step - 1)
-                if sdft:
-                    metrics = await self.sdft_step(step, batch)
-                else:
-                    metrics = await self.sft_step(step, batch)
-                refresh_started = time.perf_counter()
-                self.sampler_stale = True
-                if self.teacher is not None:
-                    # SDFT samples on-policy every step (SFT refreshes only for a benchmark).
-                    await self._refresh_sampler()
-                    await self.teacher.after_step(step, self.training_client)
-                metrics["time/refresh_s"] = time.perf_counter() - refresh_started
+                metrics = await self.train_step(step)
                 self.runlog.log_metrics(step, "train", metrics)
                 if not self.allow_nan:
                     check_finite_loss(step, metrics)
@@ -439,6 +494,7 @@ class Trainer:
                 self.step = step
                 self.write_reports("running")
         finally:
+            self.close()
             bar.close()
         self.write_reports("completed")
         return result_from_log(config, "completed", self.step)

@@ -8,17 +8,21 @@ trains on those scores.
 - :class:`FullVocabularyKL` (``loss: full_kl``, local backend): exact full-vocabulary KL, the
   teacher runs inside the training client's forward-backward.
 
-Every objective returns the summed loss, the number of distilled positions and its own metrics;
-the trainer adds the metrics every step shares.
+An objective scores rollouts (:meth:`Objective.score`), builds their datums (:meth:`Objective.build`,
+any subset of a batch: the streamed step builds one question at a time and
+:meth:`Objective.combine` joins the pieces into exactly what building the whole batch gives) and
+submits ``forward_backward`` (:meth:`Objective.forward_backward`). Every objective returns the
+summed loss, the number of distilled positions and its own metrics; the trainer adds the metrics
+every step shares.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 from tinker import types
@@ -26,19 +30,11 @@ from tinker import types
 from sdft import data as sdft_data
 from sdft.clients import resolve, resolve_optional
 from sdft.config import Config
-from sdft.data import CompletionSlice
-from sdft.optimizer import adam_params, train_pipelined
+from sdft.optimizer import StreamedTraining, adam_params, train_pipelined
+from sdft.rollouts import Rollouts
 
-
-@dataclass
-class Rollouts:
-    """The student's completions of one batch, with everything the teacher and the loss need."""
-
-    student_data: list[types.Datum] = field(default_factory=list)
-    slices: list[CompletionSlice] = field(default_factory=list)
-    teacher_sequences: list[types.ModelInput | None] = field(default_factory=list)
-    sampled_logprobs: list[list[float]] = field(default_factory=list)
-    completion_lengths: list[int] = field(default_factory=list)
+# The denominator of a mean metric that is not itself a metric: the pieces' completion tokens.
+COMPLETION_TOKENS = "completion tokens"
 
 
 @dataclass
@@ -46,6 +42,45 @@ class ObjectiveResult:
     loss_sum: float
     distilled: int
     metrics: dict[str, Any]
+
+
+@dataclass
+class Built:
+    """The datums of some rollouts, their metrics, and their completion-token count (the weight
+    of the metrics that are means over completion positions)."""
+
+    datums: list[types.Datum]
+    metrics: dict[str, float]
+    completion_tokens: int
+
+
+def merge_metrics(
+    pieces: Sequence[Built], means: Mapping[str, str], constants: frozenset[str]
+) -> dict[str, float]:
+    """The metrics of the pieces taken together: counts add up; a mean is re-weighted by its
+    denominator (a count among the metrics, or :data:`COMPLETION_TOKENS`) and is 0.0 when that is
+    0; a constant is taken from the first piece. A key missing from a piece counts as absent
+    there (the kernel leaves out means whose denominator is 0)."""
+    merged: dict[str, float] = {}
+    keys = list(dict.fromkeys(key for piece in pieces for key in piece.metrics))
+    for key in keys:
+        present = [piece for piece in pieces if key in piece.metrics]
+        if key in constants:
+            merged[key] = present[0].metrics[key]
+        elif key in means:
+            denominator = means[key]
+
+            def weight(piece: Built, denominator: str = denominator) -> float:
+                if denominator == COMPLETION_TOKENS:
+                    return float(piece.completion_tokens)
+                return float(piece.metrics.get(denominator, 0.0))
+
+            total = sum(weight(piece) for piece in present)
+            numerator = sum(piece.metrics[key] * weight(piece) for piece in present)
+            merged[key] = numerator / total if total else 0.0
+        else:
+            merged[key] = float(sum(piece.metrics[key] for piece in present))
+    return merged
 
 
 def weighted_positions(datums: Sequence[types.Datum]) -> int:
@@ -59,7 +94,7 @@ def weighted_positions(datums: Sequence[types.Datum]) -> int:
 
 
 class Objective(ABC):
-    """Scores a batch of rollouts with the teacher, then trains the student on the scores."""
+    """Scores rollouts with the teacher, then trains the student on the scores."""
 
     def __init__(self, config: Config, training_client: Any, tokenizer: Any) -> None:
         self.config = config
@@ -69,24 +104,75 @@ class Objective(ABC):
 
     @abstractmethod
     async def score(self, teacher: Any, rollouts: Rollouts) -> Any:
-        """What the teacher says about every rollout (all requests in flight at once)."""
+        """What the teacher says about the rollouts (all requests in flight at once)."""
 
     @abstractmethod
     async def train(self, rollouts: Rollouts, scores: Any, step: int) -> ObjectiveResult:
         """One optimizer step (or ``num_substeps``) on the scored rollouts."""
 
-    async def _pipelined(self, datums: list[types.Datum], submit: Any, step: int) -> float:
-        return await train_pipelined(
+
+class DatumObjective(Objective):
+    """An objective whose teacher scores each rollout on its own and whose loss trains on
+    datums: the step may score, build and submit it question by question (sdft.schedules)."""
+
+    # merge_metrics: mean metric -> its denominator, and the metrics that are constants.
+    mean_metrics: ClassVar[Mapping[str, str]] = {}
+    constant_metrics: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    async def score(self, teacher: Any, rollouts: Rollouts) -> list[Any]:
+        """One teacher answer per rollout."""
+
+    @abstractmethod
+    def build(self, rollouts: Rollouts, scores: Sequence[Any]) -> Built:
+        """The datums of the scored rollouts and their metrics."""
+
+    @abstractmethod
+    def forward_backward(self, datums: list[types.Datum]) -> Any:
+        """Submit one ``forward_backward`` of this objective's loss on ``datums``."""
+
+    @abstractmethod
+    def result(self, built: Built, loss_sum: float) -> ObjectiveResult:
+        """The step's outcome once the loss of ``built`` is known."""
+
+    def combine(self, pieces: Sequence[Built]) -> Built:
+        """Pieces built separately (in batch order) as if built at once."""
+        return Built(
+            datums=[datum for piece in pieces for datum in piece.datums],
+            metrics=merge_metrics(pieces, self.mean_metrics, self.constant_metrics),
+            completion_tokens=sum(piece.completion_tokens for piece in pieces),
+        )
+
+    def streamed_training(self, step: int) -> StreamedTraining:
+        """The substeps of ``step``, submitted as their datums are built."""
+        return StreamedTraining(
             self.training_client,
-            datums,
-            submit,
+            self.forward_backward,
             adam_params(self.config, step),
             self.params.num_substeps,
         )
 
+    async def train(self, rollouts: Rollouts, scores: Any, step: int) -> ObjectiveResult:
+        """Build the whole batch at once, then train it."""
+        built = self.build(rollouts, scores)
+        loss_sum = await train_pipelined(
+            self.training_client,
+            built.datums,
+            self.forward_backward,
+            adam_params(self.config, step),
+            self.params.num_substeps,
+        )
+        return self.result(built, loss_sum)
 
-class _TopKObjective(Objective):
-    async def score(self, teacher: Any, rollouts: Rollouts) -> Any:
+
+class _TopKObjective(DatumObjective):
+    mean_metrics: ClassVar[Mapping[str, str]] = {
+        "sdft/mean_teacher_entropy": "sdft/total_completion_tokens",
+        "sdft/mean_teacher_entropy_distilled": "sdft/distilled_positions",
+    }
+    constant_metrics: ClassVar[frozenset[str]] = frozenset({"sdft/topk"})
+
+    async def score(self, teacher: Any, rollouts: Rollouts) -> list[Any]:
         """Teacher top-K prompt log-probs of every teacher-forced sequence, all in flight.
 
         Only the completion rows are asked for (``prompt_logprobs_last_n``): the teacher prompt's
@@ -113,15 +199,14 @@ class _TopKObjective(Objective):
     @abstractmethod
     def _datums(self, rollouts: Rollouts, scores: Any) -> tuple[list[types.Datum], dict]: ...
 
-    @abstractmethod
-    def _submit(self, batch: list[types.Datum]) -> Any: ...
+    def build(self, rollouts: Rollouts, scores: Sequence[Any]) -> Built:
+        datums, metrics = self._datums(rollouts, scores)
+        return Built(datums, metrics, sum(rollouts.completion_lengths))
 
-    async def train(self, rollouts: Rollouts, scores: Any, step: int) -> ObjectiveResult:
-        datums, kernel_metrics = self._datums(rollouts, scores)
-        metrics: dict[str, Any] = dict(kernel_metrics)
-        distilled = int(kernel_metrics["sdft/distilled_positions"])
-        metrics["train/teacher_entropy"] = kernel_metrics["sdft/mean_teacher_entropy_distilled"]
-        loss_sum = await self._pipelined(datums, self._submit, step)
+    def result(self, built: Built, loss_sum: float) -> ObjectiveResult:
+        metrics: dict[str, Any] = dict(built.metrics)
+        distilled = int(built.metrics["sdft/distilled_positions"])
+        metrics["train/teacher_entropy"] = built.metrics["sdft/mean_teacher_entropy_distilled"]
         kl = self._teacher_student_kl(loss_sum, distilled, metrics["train/teacher_entropy"])
         if kl is not None:
             metrics["train/teacher_student_kl"] = kl
@@ -154,8 +239,8 @@ class TopKCrossEntropy(_TopKObjective):
             weight_scale=self.params.weight_scale,
         )
 
-    def _submit(self, batch: list[types.Datum]) -> Any:
-        return self.training_client.forward_backward(batch, "cross_entropy")
+    def forward_backward(self, datums: list[types.Datum]) -> Any:
+        return self.training_client.forward_backward(datums, "cross_entropy")
 
 
 class TopKReverseKL(_TopKObjective):
@@ -171,42 +256,51 @@ class TopKReverseKL(_TopKObjective):
             skip_first_n=self.params.skip_first_n,
         )
 
-    def _submit(self, batch: list[types.Datum]) -> Any:
+    def forward_backward(self, datums: list[types.Datum]) -> Any:
         from sdft.losses import reverse_kl_custom_loss
 
-        return self.training_client.forward_backward_custom(batch, reverse_kl_custom_loss)
+        return self.training_client.forward_backward_custom(datums, reverse_kl_custom_loss)
 
 
-class ImportanceSampling(Objective):
+class ImportanceSampling(DatumObjective):
     """``topk: 0``: the teacher's log-prob of each sampled token against the student's."""
 
-    async def score(self, teacher: Any, rollouts: Rollouts) -> Any:
+    # The kernel's divisor for these means is the mask sum: every completion token.
+    mean_metrics: ClassVar[Mapping[str, str]] = {
+        "sdft/mean_advantage": COMPLETION_TOKENS,
+        "sdft/mean_teacher_lp": COMPLETION_TOKENS,
+        "sdft/mean_student_lp": COMPLETION_TOKENS,
+    }
+
+    async def score(self, teacher: Any, rollouts: Rollouts) -> list[Any]:
         requests = [
             teacher.compute_logprobs(sequence) if sequence is not None else None
             for sequence in rollouts.teacher_sequences
         ]
         return list(await asyncio.gather(*(resolve_optional(request) for request in requests)))
 
-    async def train(self, rollouts: Rollouts, scores: Any, step: int) -> ObjectiveResult:
-        datums, is_metrics = sdft_data.build_importance_sampling_datums(
+    def build(self, rollouts: Rollouts, scores: Sequence[Any]) -> Built:
+        datums, metrics = sdft_data.build_importance_sampling_datums(
             student_data=rollouts.student_data,
             completion_slices=rollouts.slices,
             teacher_logprobs=scores,
             student_logprobs=rollouts.sampled_logprobs,
             skip_first_n=self.params.skip_first_n,
         )
-        distilled = int(is_metrics["sdft/advantage_positions"])
+        return Built(datums, metrics, sum(rollouts.completion_lengths))
 
-        def submit(batch: list[types.Datum]) -> Any:
-            return self.training_client.forward_backward(batch, "importance_sampling")
+    def forward_backward(self, datums: list[types.Datum]) -> Any:
+        return self.training_client.forward_backward(datums, "importance_sampling")
 
-        loss_sum = await self._pipelined(datums, submit, step)
-        return ObjectiveResult(loss_sum, distilled, dict(is_metrics))
+    def result(self, built: Built, loss_sum: float) -> ObjectiveResult:
+        distilled = int(built.metrics["sdft/advantage_positions"])
+        return ObjectiveResult(loss_sum, distilled, dict(built.metrics))
 
 
 class FullVocabularyKL(Objective):
     """``loss: full_kl`` (local backend): the training client runs the teacher itself and takes
-    the exact KL over the whole vocabulary; one optimizer step, no substeps."""
+    the exact KL over the whole vocabulary; one optimizer step, no substeps. There are no teacher
+    requests to stream: the step is always gathered."""
 
     async def score(self, teacher: Any, rollouts: Rollouts) -> Any:
         return teacher
