@@ -468,3 +468,20 @@ def test_slices_with_ids_out_of_range_take_the_checked_path():
         sdft.build_teacher_forced_sequence(
             tinker.ModelInput.from_ints([1]), completion_slice.tokens
         )
+
+
+def test_copies_of_a_slice_give_the_same_sequence():
+    """``copy`` rebuilds the list by appending, so a copy is checked again; the result is the
+    same either way."""
+    import copy
+
+    completion_slice = completion_slice_of([5, 6, 7])
+    prompt = tinker.ModelInput.from_ints([1])
+    expected = ref_teacher_forced(prompt, [5, 6, 7])
+    for tokens in (
+        completion_slice.tokens,
+        copy.copy(completion_slice.tokens),
+        copy.deepcopy(completion_slice).tokens,
+    ):
+        assert tokens == [5, 6, 7]
+        assert_same_model_input(sdft.build_teacher_forced_sequence(prompt, tokens), expected)
