@@ -11,6 +11,7 @@ inputs, plus the checks a completion list edited in place still gets.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -473,8 +474,6 @@ def test_slices_with_ids_out_of_range_take_the_checked_path():
 def test_copies_of_a_slice_give_the_same_sequence():
     """``copy`` rebuilds the list by appending, so a copy is checked again; the result is the
     same either way."""
-    import copy
-
     completion_slice = completion_slice_of([5, 6, 7])
     prompt = tinker.ModelInput.from_ints([1])
     expected = ref_teacher_forced(prompt, [5, 6, 7])
