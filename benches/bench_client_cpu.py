@@ -68,7 +68,7 @@ from tinker.proto.response_conv import (
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from sdft import data as sdft_data
-from sdft.data import CompletionSlice, _loss_input, _non_negative_int, _token_array
+from sdft.data import CompletionSlice
 from sdft.models import DEFAULT_MODEL, load_tokenizer
 from sdft.serve.app import client_config
 from sdft.serve.codec import encode_forward_backward_output, encode_sample_response
@@ -87,6 +87,51 @@ DATA = Path(__file__).resolve().parent.parent / "examples/continual/data/toolcal
 
 # --------------------------------------------------------------------------------------------
 # The previous implementations (before the fast path), kept verbatim for the side-by-side run.
+
+
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _token_array(name: str, tokens: Any) -> np.ndarray:
+    array = np.asarray(tokens)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a flat sequence of token ids, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must contain ints, got dtype {array.dtype}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > MAX_TOKEN_ID:
+        bad = int(np.flatnonzero((array < 0) | (array > MAX_TOKEN_ID))[0])
+        raise ValueError(f"{name}[{bad}] = {int(array[bad])} is outside [0, {MAX_TOKEN_ID}]")
+    return array.astype(np.int64, copy=False)
+
+
+def _loss_input(datum: Any, where: str, key: str) -> np.ndarray:
+    if not isinstance(datum, tinker.Datum):
+        raise TypeError(f"{where}: expected a tinker.Datum, got {type(datum).__name__}")
+    tensor = datum.loss_fn_inputs.get(key)
+    if tensor is None:
+        present = ", ".join(sorted(datum.loss_fn_inputs)) or "none"
+        raise ValueError(
+            f"{where}: loss_fn_inputs has no {key!r} (keys: {present}); build student datums "
+            "with student_datum_from_rollout"
+        )
+    array = tensor.to_numpy()
+    length = datum.model_input.length
+    if array.shape != (length,):
+        raise ValueError(
+            f"{where}: {key} has shape {tuple(array.shape)}, expected ({length},) = model_input.length"
+        )
+    return array
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
 
 
 def old_student_datum_from_rollout(
