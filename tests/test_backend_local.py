@@ -733,6 +733,37 @@ def test_unmerged_lora_snapshots_equal_the_live_adapters(
         )
 
 
+def test_merged_lora_snapshots_keep_only_the_recent_merged_copies(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    """A server keeps many samplers alive; each LoRA snapshot holds only its adapters, and the
+    merged copy of the adapted layers exists for the most recently used snapshots only. A snapshot
+    whose merged copy was evicted merges again and answers exactly as before."""
+    from sdft.backends.local._views import MergedLoraView, merged_view_cache
+
+    with LocalServiceClient(tmp_path, device="cpu") as service:
+        client, prompt = _trained_lora(service, tiny_tokenizer)
+        adam = types.AdamParams(learning_rate=2e-2)
+        tokens = prompt.to_ints()
+        datum = ce_datum(tokens, [*tokens[1:], 2], np.ones(len(tokens)))
+        snapshots, first_answers = [], []
+        for _ in range(5):
+            sampler = client.save_weights_and_get_sampling_client().result()
+            assert isinstance(sampler.view, MergedLoraView)
+            snapshots.append(sampler)
+            first_answers.append(sampler.compute_logprobs(prompt).result())
+            client.forward_backward([datum], "cross_entropy").result()
+            client.optim_step(adam).result()
+        cache = merged_view_cache(client.runtime.module)
+        assert len(cache) == cache.capacity == 2
+        assert cache.get(snapshots[0].view) is None  # evicted
+        assert snapshots[0].compute_logprobs(prompt).result() == first_answers[0]
+        assert cache.get(snapshots[0].view) is not None and len(cache) == 2
+        # Each snapshot still answers with its own weights.
+        assert len({tuple(a[1:]) for a in first_answers}) == 5
+        assert snapshots[3].compute_logprobs(prompt).result() == first_answers[3]
+
+
 def test_inverse_cdf_sampling_is_exact_over_a_large_vocabulary() -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = 3_000  # 12 blocks of 256, the last one partial

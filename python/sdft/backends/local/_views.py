@@ -8,6 +8,8 @@ batch: parameters are swapped by re-binding module attributes (no copies) and re
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -107,12 +109,81 @@ def snapshot_view(
     """A frozen copy of the current trainable weights as a view on ``module``.
 
     With ``merge_lora`` a LoRA model's adapters are merged into plain weights
-    ``W0 + scale * B @ A``: sampling then runs one GEMM per layer instead of three (base, A, B),
-    for one copy of the adapted weights.
+    ``W0 + scale * B @ A`` when it samples: sampling then runs one GEMM per layer instead of three
+    (base, A, B). The snapshot itself keeps only its copy of the adapters (:class:`MergedLoraView`).
     """
     with torch.no_grad():
-        if is_lora and merge_lora:
-            merged = [(layer, merged_lora_weight(layer)) for _, layer in lora_layers(module)]
-            return merged_lora_view(module, merged, label=label)
         copies = {id(p): p.detach().clone() for _, p in trainable}
-        return view_replacing(module, copies, label=label)
+    adapters = view_replacing(module, copies, label=label)
+    if is_lora and merge_lora:
+        return MergedLoraView(adapters=adapters, label=label)
+    return adapters
+
+
+class MergedViewCache:
+    """The merged weights of the most recently used :class:`MergedLoraView` s of one module.
+
+    A merged copy of the adapted layers is as large as those layers (hundreds of MB for a small
+    model), while the adapters are megabytes. A server keeps many samplers alive (every refresh of
+    every client makes one), so only ``capacity`` merged copies are kept; a view whose copy was
+    evicted merges again when it next samples.
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._merged: OrderedDict[int, tuple[weakref.ref[MergedLoraView], WeightView]] = (
+            OrderedDict()
+        )
+
+    def get(self, view: MergedLoraView) -> WeightView | None:
+        entry = self._merged.get(id(view))
+        if entry is None or entry[0]() is not view:
+            return None
+        self._merged.move_to_end(id(view))
+        return entry[1]
+
+    def put(self, view: MergedLoraView, merged: WeightView) -> None:
+        self._merged[id(view)] = (weakref.ref(view), merged)
+        self._merged.move_to_end(id(view))
+        for key in [k for k, (ref, _) in self._merged.items() if ref() is None]:
+            del self._merged[key]
+        while len(self._merged) > self.capacity:
+            self._merged.popitem(last=False)
+
+    def __len__(self) -> int:
+        return sum(1 for ref, _ in self._merged.values() if ref() is not None)
+
+
+# One cache per module (LoRA clients of one base model share it through their runtime's module).
+_MERGED_CACHES: weakref.WeakKeyDictionary[nn.Module, MergedViewCache] = weakref.WeakKeyDictionary()
+
+
+def merged_view_cache(module: nn.Module) -> MergedViewCache:
+    cache = _MERGED_CACHES.get(module)
+    if cache is None:
+        cache = _MERGED_CACHES[module] = MergedViewCache()
+    return cache
+
+
+@dataclass
+class MergedLoraView(WeightView):
+    """A LoRA snapshot held as its adapters; applied, it runs the merged weights
+    ``W0 + scale * B @ A`` (computed on first use, kept in the module's
+    :class:`MergedViewCache`)."""
+
+    adapters: WeightView = field(default_factory=WeightView)
+
+    @contextlib.contextmanager
+    def applied(self, runtime: ModelRuntime) -> Iterator[None]:
+        cache = merged_view_cache(runtime.module)
+        merged = cache.get(self)
+        if merged is None:
+            # Plain tensors even when the batch runs under inference mode: the copy outlives it.
+            with torch.inference_mode(False), torch.no_grad(), self.adapters.applied(runtime):
+                weights = [
+                    (layer, merged_lora_weight(layer)) for _, layer in lora_layers(runtime.module)
+                ]
+            merged = merged_lora_view(runtime.module, weights, label=self.label)
+            cache.put(self, merged)
+        with merged.applied(runtime):
+            yield
