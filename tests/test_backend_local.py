@@ -737,9 +737,10 @@ def test_merged_lora_snapshots_keep_only_the_recent_merged_copies(
     tmp_path: Path, tiny_tokenizer: Any
 ) -> None:
     """A server keeps many samplers alive; each LoRA snapshot holds only its adapters, and the
-    merged copy of the adapted layers exists for the most recently used snapshots only. A snapshot
+    merged copy of the adapted layers exists for the 2 most recently used snapshots of the process
+    only. A snapshot
     whose merged copy was evicted merges again and answers exactly as before."""
-    from sdft.backends.local._views import MergedLoraView, merged_view_cache
+    from sdft.backends.local._views import MERGED_VIEWS, MergedLoraView
 
     with LocalServiceClient(tmp_path, device="cpu") as service:
         client, prompt = _trained_lora(service, tiny_tokenizer)
@@ -754,7 +755,7 @@ def test_merged_lora_snapshots_keep_only_the_recent_merged_copies(
             first_answers.append(sampler.compute_logprobs(prompt).result())
             client.forward_backward([datum], "cross_entropy").result()
             client.optim_step(adam).result()
-        cache = merged_view_cache(client.runtime.module)
+        cache = MERGED_VIEWS
         assert len(cache) == cache.capacity == 2
         assert cache.get(snapshots[0].view) is None  # evicted
         assert snapshots[0].compute_logprobs(prompt).result() == first_answers[0]
@@ -860,3 +861,14 @@ def test_service_clients_in_one_process_share_the_base_weights(
     del students, teachers
     gc.collect()
     assert SHARED_BASE_MODELS.loaded() == held
+
+
+def test_free_memory_is_trimmed_at_most_every_few_seconds() -> None:
+    from sdft.backends.local import _memory
+
+    if _memory._malloc_trim() is None:
+        pytest.skip("the C library has no malloc_trim")
+    start = _memory._last_trim + 1_000.0
+    assert _memory.trim_free_memory(now=start) is True
+    assert _memory.trim_free_memory(now=start + _memory.TRIM_EVERY_S - 0.01) is False
+    assert _memory.trim_free_memory(now=start + _memory.TRIM_EVERY_S) is True

@@ -8,6 +8,7 @@ batch: parameters are swapped by re-binding module attributes (no copies) and re
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -121,61 +122,57 @@ def snapshot_view(
 
 
 class MergedViewCache:
-    """The merged weights of the most recently used :class:`MergedLoraView` s of one module.
+    """The merged weights of the most recently used :class:`MergedLoraView` s of the process.
 
     A merged copy of the adapted layers is as large as those layers (hundreds of MB for a small
     model), while the adapters are megabytes. A server keeps many samplers alive (every refresh of
-    every client makes one), so only ``capacity`` merged copies are kept; a view whose copy was
-    evicted merges again when it next samples.
+    every client makes one), so only ``capacity`` merged copies are kept in all; a view whose copy
+    was evicted merges again when it next samples. Views of different models are applied on their
+    runtimes' worker threads, hence the lock.
     """
 
     def __init__(self, capacity: int = 2) -> None:
         self.capacity = capacity
+        self._lock = threading.Lock()
         self._merged: OrderedDict[int, tuple[weakref.ref[MergedLoraView], WeightView]] = (
             OrderedDict()
         )
 
     def get(self, view: MergedLoraView) -> WeightView | None:
-        entry = self._merged.get(id(view))
-        if entry is None or entry[0]() is not view:
-            return None
-        self._merged.move_to_end(id(view))
-        return entry[1]
+        with self._lock:
+            entry = self._merged.get(id(view))
+            if entry is None or entry[0]() is not view:
+                return None
+            self._merged.move_to_end(id(view))
+            return entry[1]
 
     def put(self, view: MergedLoraView, merged: WeightView) -> None:
-        self._merged[id(view)] = (weakref.ref(view), merged)
-        self._merged.move_to_end(id(view))
-        for key in [k for k, (ref, _) in self._merged.items() if ref() is None]:
-            del self._merged[key]
-        while len(self._merged) > self.capacity:
-            self._merged.popitem(last=False)
+        with self._lock:
+            self._merged[id(view)] = (weakref.ref(view), merged)
+            self._merged.move_to_end(id(view))
+            for key in [k for k, (ref, _) in self._merged.items() if ref() is None]:
+                del self._merged[key]
+            while len(self._merged) > self.capacity:
+                self._merged.popitem(last=False)
 
     def __len__(self) -> int:
-        return sum(1 for ref, _ in self._merged.values() if ref() is not None)
+        with self._lock:
+            return sum(1 for ref, _ in self._merged.values() if ref() is not None)
 
 
-# One cache per module (LoRA clients of one base model share it through their runtime's module).
-_MERGED_CACHES: weakref.WeakKeyDictionary[nn.Module, MergedViewCache] = weakref.WeakKeyDictionary()
-
-
-def merged_view_cache(module: nn.Module) -> MergedViewCache:
-    cache = _MERGED_CACHES.get(module)
-    if cache is None:
-        cache = _MERGED_CACHES[module] = MergedViewCache()
-    return cache
+MERGED_VIEWS = MergedViewCache()
 
 
 @dataclass
 class MergedLoraView(WeightView):
     """A LoRA snapshot held as its adapters; applied, it runs the merged weights
-    ``W0 + scale * B @ A`` (computed on first use, kept in the module's
-    :class:`MergedViewCache`)."""
+    ``W0 + scale * B @ A`` (computed on first use, kept in :data:`MERGED_VIEWS`)."""
 
     adapters: WeightView = field(default_factory=WeightView)
 
     @contextlib.contextmanager
     def applied(self, runtime: ModelRuntime) -> Iterator[None]:
-        cache = merged_view_cache(runtime.module)
+        cache = MERGED_VIEWS
         merged = cache.get(self)
         if merged is None:
             # Plain tensors even when the batch runs under inference mode: the copy outlives it.

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
+from sdft.backends.local._memory import trim_free_memory
+
 T = TypeVar("T")
 
 
@@ -54,7 +56,10 @@ class SerialWorker:
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         self._thread_ident = threading.get_ident()
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            trim_free_memory()
 
     def in_worker_thread(self) -> bool:
         """True when called from this worker's own thread (to run nested work inline)."""
