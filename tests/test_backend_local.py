@@ -863,11 +863,12 @@ def test_service_clients_in_one_process_share_the_base_weights(
     assert SHARED_BASE_MODELS.loaded() == held
 
 
-def test_free_memory_is_trimmed_at_most_every_few_seconds() -> None:
+def test_free_memory_is_trimmed_at_most_every_few_seconds(monkeypatch: Any) -> None:
     from sdft.backends.local import _memory
 
     if _memory._malloc_trim() is None:
         pytest.skip("the C library has no malloc_trim")
+    monkeypatch.setattr(_memory, "_last_trim", _memory._last_trim)  # restored afterwards
     start = _memory._last_trim + 1_000.0
     assert _memory.trim_free_memory(now=start) is True
     assert _memory.trim_free_memory(now=start + _memory.TRIM_EVERY_S - 0.01) is False
