@@ -132,8 +132,12 @@ def test_sdft_run_writes_every_output(tmp_path: Path) -> None:
 
 
 def test_teacher_requests_score_prompt_plus_completion_all_in_flight(tmp_path: Path) -> None:
+    """Gathered (``streaming: false``), where the requests of a phase leave together and in batch
+    order; the streamed step sends the same requests (tests/test_schedules.py)."""
     config_path = write_config(
-        tmp_path, params={"max_steps": 1, "group_size": 2, "topk": 4}, benchmarks=[]
+        tmp_path,
+        params={"max_steps": 1, "group_size": 2, "topk": 4, "streaming": False},
+        benchmarks=[],
     )
     recorder, _ = recorded_run(config_path)
     student = [s for s in recorder.samples if s["role"] == "student"]
