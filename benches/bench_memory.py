@@ -16,20 +16,24 @@ torch and transformers are imported (before any model), and the difference.
 
     python -m pytest benches/bench_memory.py -p no:cacheprovider -s
 
-Measured on the 2-core development machine (torch 2.15, transformers 5.24, peft 0.21), before
-and after service clients in one process started sharing each base model's weights (peak RSS,
-MiB; the interpreter with torch and transformers imported is 780 of it):
+Measured on the 2-core development machine (torch 2.15, transformers 5.24, peft 0.21), peak RSS
+in MiB: (1) before and (2) after service clients in one process started sharing each base model's
+weights (a loaded machine; the interpreter with torch and transformers imported was 780 MiB of
+it), then (3) on another, idle machine after LoRA snapshots started keeping only their adapters
+(2 merged copies cached per process) and the worker threads started trimming freed malloc memory
+(the interpreter was 580 MiB there, so compare the "above the interpreter" column):
 
-| case | before | after |
-|---|---:|---:|
-| one_run (merged snapshot samplers, the default) | 3511 | 3483 |
-| one_run_unmerged | 2824 | 2757 |
-| four_runs | 9170 | 7401 |
+| case | (1) | (2) | (3) | (2) above interpreter | (3) above interpreter |
+|---|---:|---:|---:|---:|---:|
+| one_run (merged snapshot samplers, the default) | 3511 | 3483 | 2993 | 2703 | 2413 |
+| one_run_unmerged | 2824 | 2757 | 2386 | 1977 | 1806 |
+| four_runs | 9170 | 7401 | 6283 | 6621 | 5703 |
 
-Within one service the LoRA student, the static teacher and the snapshot samplers already ran on
-one copy of the base weights; a merged snapshot sampler holds ``W0 + scale * B @ A`` for every
-adapted layer (about one model's worth of float32 weights), which is the one_run vs
-one_run_unmerged difference.
+Within one service the LoRA student, the static teacher and the snapshot samplers run on one copy
+of the base weights; a merged snapshot sampler holds ``W0 + scale * B @ A`` for every adapted
+layer while it is among the 2 most recently used (about one model's worth of float32 weights
+each), which is most of the one_run vs one_run_unmerged difference. Peak RSS is a high-water mark:
+four_runs trains four clients at once, so their activations coexist.
 """
 
 from __future__ import annotations
