@@ -45,8 +45,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,6 +68,9 @@ from tinker.proto.response_conv import (
 )
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from data_reference import ref_extract, ref_student_datum, ref_teacher_forced
 from sdft import data as sdft_data
 from sdft.data import CompletionSlice
 from sdft.models import DEFAULT_MODEL, load_tokenizer
@@ -85,132 +89,6 @@ PAIR_ROUNDS = 4 * ROUNDS  # the old / new comparison is short and noisier
 DATA = Path(__file__).resolve().parent.parent / "examples/continual/data/toolcall_train.jsonl"
 
 
-# --------------------------------------------------------------------------------------------
-# The previous implementations (before the fast path), kept verbatim for the side-by-side run.
-
-
-MAX_TOKEN_ID = 2**31 - 1
-
-
-def _token_array(name: str, tokens: Any) -> np.ndarray:
-    array = np.asarray(tokens)
-    if array.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be a flat sequence of token ids, got shape {array.shape}")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"{name} must contain ints, got dtype {array.dtype}")
-    low, high = int(array.min()), int(array.max())
-    if low < 0 or high > MAX_TOKEN_ID:
-        bad = int(np.flatnonzero((array < 0) | (array > MAX_TOKEN_ID))[0])
-        raise ValueError(f"{name}[{bad}] = {int(array[bad])} is outside [0, {MAX_TOKEN_ID}]")
-    return array.astype(np.int64, copy=False)
-
-
-def _loss_input(datum: Any, where: str, key: str) -> np.ndarray:
-    if not isinstance(datum, tinker.Datum):
-        raise TypeError(f"{where}: expected a tinker.Datum, got {type(datum).__name__}")
-    tensor = datum.loss_fn_inputs.get(key)
-    if tensor is None:
-        present = ", ".join(sorted(datum.loss_fn_inputs)) or "none"
-        raise ValueError(
-            f"{where}: loss_fn_inputs has no {key!r} (keys: {present}); build student datums "
-            "with student_datum_from_rollout"
-        )
-    array = tensor.to_numpy()
-    length = datum.model_input.length
-    if array.shape != (length,):
-        raise ValueError(
-            f"{where}: {key} has shape {tuple(array.shape)}, expected ({length},) = model_input.length"
-        )
-    return array
-
-
-def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
-
-
-def old_student_datum_from_rollout(
-    *,
-    prompt: tinker.ModelInput,
-    completion_tokens: Sequence[int],
-    completion_logprobs: Sequence[float] | None = None,
-) -> tinker.Datum:
-    prompt_tokens = prompt.to_ints()
-    completion = _token_array("completion_tokens", completion_tokens)
-    p, c = len(prompt_tokens), len(completion)
-    if p == 0:
-        raise ValueError("prompt must contain at least one token")
-    n = p + c - 1
-    if c >= 2:
-        model_input = prompt.append(tinker.EncodedTextChunk(tokens=completion[:-1].tolist()))
-    elif c == 1:
-        model_input = prompt
-    else:
-        model_input = tinker.ModelInput.from_ints(prompt_tokens[:-1])
-    targets = np.empty(n, dtype=np.int64)
-    targets[: p - 1] = prompt_tokens[1:]
-    targets[p - 1 :] = completion
-    mask = np.zeros(n, dtype=np.float32)
-    mask[p - 1 :] = 1.0
-    loss_fn_inputs = {
-        "target_tokens": tinker.TensorData(data=targets, dtype="int64", shape=[n]),
-        "mask": tinker.TensorData(data=mask, dtype="float32", shape=[n]),
-    }
-    if completion_logprobs is not None:
-        sampled = np.asarray(completion_logprobs, dtype=np.float64)
-        if sampled.shape != (c,):
-            raise ValueError(
-                f"completion_logprobs has shape {sampled.shape}, expected ({c},) (one per completion token)"
-            )
-        if not np.all(np.isfinite(sampled)):
-            bad = int(np.flatnonzero(~np.isfinite(sampled))[0])
-            raise ValueError(
-                f"completion_logprobs[{bad}] is {sampled[bad]}; log-probs must be finite"
-            )
-        logprobs = np.zeros(n, dtype=np.float32)
-        logprobs[p - 1 :] = sampled
-        loss_fn_inputs["logprobs"] = tinker.TensorData(data=logprobs, dtype="float32", shape=[n])
-    return tinker.Datum(model_input=model_input, loss_fn_inputs=loss_fn_inputs)
-
-
-def old_extract_completion_tokens(
-    datum: tinker.Datum, teacher_prompt_len: int, *, max_context_length: int
-) -> CompletionSlice:
-    teacher_prompt_len = _non_negative_int("teacher_prompt_len", teacher_prompt_len)
-    max_context_length = _non_negative_int("max_context_length", max_context_length)
-    mask = _loss_input(datum, "datum", "mask")
-    targets = _loss_input(datum, "datum", "target_tokens")
-    positions = np.flatnonzero(mask > 0)
-    if positions.size == 0:
-        return CompletionSlice(tokens=[], teacher_prompt_len=teacher_prompt_len, truncated=False)
-    tokens = targets[positions[0] :].tolist()
-    available = max_context_length - teacher_prompt_len
-    if available <= 0:
-        return CompletionSlice(tokens=[], teacher_prompt_len=teacher_prompt_len, truncated=True)
-    truncated = len(tokens) > available
-    return CompletionSlice(
-        tokens=tokens[:available] if truncated else tokens,
-        teacher_prompt_len=teacher_prompt_len,
-        truncated=truncated,
-    )
-
-
-def old_build_teacher_forced_sequence(
-    teacher_prompt: tinker.ModelInput, completion_tokens: Sequence[int]
-) -> tinker.ModelInput:
-    completion = _token_array("completion_tokens", completion_tokens).tolist()
-    if not completion:
-        return teacher_prompt
-    if all(isinstance(chunk, tinker.EncodedTextChunk) for chunk in teacher_prompt.chunks):
-        return tinker.ModelInput.from_ints(teacher_prompt.to_ints() + completion)
-    return teacher_prompt.append(tinker.EncodedTextChunk(tokens=completion))
-
-
 @dataclass(frozen=True)
 class DataPath:
     student_datum: Callable[..., tinker.Datum]
@@ -223,9 +101,8 @@ NEW = DataPath(
     sdft_data.extract_completion_tokens,
     sdft_data.build_teacher_forced_sequence,
 )
-OLD = DataPath(
-    old_student_datum_from_rollout, old_extract_completion_tokens, old_build_teacher_forced_sequence
-)
+# The previous implementations (before the fast path), kept verbatim in tests/data_reference.py.
+OLD = DataPath(ref_student_datum, ref_extract, ref_teacher_forced)
 
 
 # --------------------------------------------------------------------------------------------
