@@ -224,7 +224,7 @@ def _deep_checks(config, located: list[tuple[str, Any]]) -> list[Check]:
 
 
 def _prompt_checks(config, tokenizer: Any, located: list[tuple[str, Any]]) -> list[Check]:
-    from sdft import data as sdft_data
+    from sdft.rollouts import student_prompt_of, teacher_prompt_of
 
     params = config.params
     sdft_run = config.algorithm.kind == "sdft"
@@ -232,27 +232,9 @@ def _prompt_checks(config, tokenizer: Any, located: list[tuple[str, Any]]) -> li
     student_lengths: list[int] = []
     teacher_lengths: list[int] = []
     for where, example in located:
-        system = (
-            example.system_prompt if example.system_prompt is not None else params.system_prompt
-        )
         try:
-            student = sdft_data.build_student_prompt(
-                question=example.question,
-                tokenizer=tokenizer,
-                user_template=params.user_template,
-                system_prompt=system,
-                enable_thinking=params.enable_thinking,
-            ).length
-            teacher = None
-            if sdft_run:
-                teacher = sdft_data.build_teacher_prompt(
-                    question=example.question,
-                    golden_answer=example.golden_answer,
-                    tokenizer=tokenizer,
-                    system_prompt=system,
-                    demo_template=params.demo_template,
-                    enable_thinking=params.enable_thinking,
-                ).length
+            student = student_prompt_of(example, params, tokenizer).length
+            teacher = teacher_prompt_of(example, params, tokenizer).length if sdft_run else None
         except Exception as exc:
             problems.append(
                 Check("prompts", "FAIL", f"{where} cannot render: {_describe_error(exc)}")

@@ -69,7 +69,7 @@ from sdft.evaluation import (
 from sdft.objectives import Objective, objective_for, weighted_positions
 from sdft.optimizer import adam_params, learning_rate_at, split_evenly, train_pipelined
 from sdft.progress import Progress
-from sdft.rollouts import QuestionPrompts, SamplingRound
+from sdft.rollouts import QuestionPrompts, SamplingRound, question_prompts
 from sdft.rundir import (
     RunDirectoryError,
     RunResult,
@@ -231,16 +231,7 @@ class Trainer:
         )
 
     def _question_prompts(self, batch: SDFTBatch) -> list[QuestionPrompts]:
-        prompts = []
-        for example in batch.examples:
-            system = self._system_prompt(example.system_prompt)
-            prompts.append(
-                QuestionPrompts(
-                    student=self._student_prompt(example.question, system),
-                    teacher=self._teacher_prompt(example.question, example.golden_answer, system),
-                )
-            )
-        return prompts
+        return [question_prompts(e, self.params, self.tokenizer) for e in batch.examples]
 
     def _sampling_round(self, step: int, batch: SDFTBatch, sampler: Any) -> SamplingRound:
         """The student's completions of ``batch`` for ``step``, every request in flight at once."""

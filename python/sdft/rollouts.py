@@ -58,6 +58,42 @@ class QuestionPrompts:
     teacher: types.ModelInput
 
 
+def system_prompt_of(example: Any, params: AlgorithmParams) -> str | None:
+    """A data row's own system prompt, else the config's."""
+    return example.system_prompt if example.system_prompt is not None else params.system_prompt
+
+
+def student_prompt_of(example: Any, params: AlgorithmParams, tokenizer: Any) -> types.ModelInput:
+    """The student prompt of a training example, rendered as training renders it."""
+    return sdft_data.build_student_prompt(
+        question=example.question,
+        tokenizer=tokenizer,
+        user_template=params.user_template,
+        system_prompt=system_prompt_of(example, params),
+        enable_thinking=params.enable_thinking,
+    )
+
+
+def teacher_prompt_of(example: Any, params: AlgorithmParams, tokenizer: Any) -> types.ModelInput:
+    """The teacher prompt of a training example (its golden answer as the demonstration)."""
+    return sdft_data.build_teacher_prompt(
+        question=example.question,
+        golden_answer=example.golden_answer,
+        tokenizer=tokenizer,
+        system_prompt=system_prompt_of(example, params),
+        demo_template=params.demo_template,
+        enable_thinking=params.enable_thinking,
+    )
+
+
+def question_prompts(example: Any, params: AlgorithmParams, tokenizer: Any) -> QuestionPrompts:
+    """Both prompts of a training example (``question``, ``golden_answer``, ``system_prompt``)."""
+    return QuestionPrompts(
+        student=student_prompt_of(example, params, tokenizer),
+        teacher=teacher_prompt_of(example, params, tokenizer),
+    )
+
+
 def question_rollouts(
     response: Any, prompts: QuestionPrompts, *, max_context_length: int
 ) -> Rollouts:

@@ -29,6 +29,7 @@ from tinker import types
 from sdft import data as sdft_data
 from sdft.config import AlgorithmParams, Config
 from sdft.datasets import SDFTExample, epoch_permutation
+from sdft.rollouts import student_prompt_of, teacher_prompt_of
 
 # The teacher counts as clearly better when its prompt cuts the answer's NLL by at least this much.
 NLL_MARGIN = 0.10
@@ -180,30 +181,8 @@ async def check_teacher(
 
         checker = get_verifier(verifier).fn
 
-    def system(example: SDFTExample) -> str | None:
-        return example.system_prompt if example.system_prompt is not None else params.system_prompt
-
-    student_prompts = [
-        sdft_data.build_student_prompt(
-            question=e.question,
-            tokenizer=tokenizer,
-            user_template=params.user_template,
-            system_prompt=system(e),
-            enable_thinking=params.enable_thinking,
-        )
-        for e in examples
-    ]
-    teacher_prompts = [
-        sdft_data.build_teacher_prompt(
-            question=e.question,
-            golden_answer=e.golden_answer,
-            tokenizer=tokenizer,
-            system_prompt=system(e),
-            demo_template=params.demo_template,
-            enable_thinking=params.enable_thinking,
-        )
-        for e in examples
-    ]
+    student_prompts = [student_prompt_of(e, params, tokenizer) for e in examples]
+    teacher_prompts = [teacher_prompt_of(e, params, tokenizer) for e in examples]
     answers = [list(tokenizer.encode(e.golden_answer, add_special_tokens=False)) for e in examples]
 
     async def answer_nll(client: Any, prompts: list[types.ModelInput]) -> tuple[float, int]:

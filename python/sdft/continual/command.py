@@ -104,8 +104,8 @@ def _backend_row(experiment: Any) -> CheckRow:
 
 
 def _deep_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]) -> list[CheckRow]:
-    from sdft import data as sdft_data
     from sdft.models import ModelNotFoundError, load_tokenizer, resolve_model
+    from sdft.rollouts import question_prompts
 
     config = experiment.base_config
     name = config.model.name
@@ -135,23 +135,9 @@ def _deep_rows(experiment: Any, examples_by_stage: dict[int, list[Any]]) -> list
             continue
         params = run.config.params
         first = examples[0]
-        system = first.system_prompt if first.system_prompt is not None else params.system_prompt
         try:
-            student = sdft_data.build_student_prompt(
-                question=first.question,
-                tokenizer=tokenizer,
-                user_template=params.user_template,
-                system_prompt=system,
-                enable_thinking=params.enable_thinking,
-            )
-            teacher = sdft_data.build_teacher_prompt(
-                question=first.question,
-                golden_answer=first.golden_answer,
-                tokenizer=tokenizer,
-                system_prompt=system,
-                demo_template=params.demo_template,
-                enable_thinking=params.enable_thinking,
-            )
+            prompts = question_prompts(first, params, tokenizer)
+            student, teacher = prompts.student, prompts.teacher
             room = params.max_context_length - teacher.length
             status = "ok" if room >= params.max_tokens else ("warn" if room > 0 else "FAIL")
             detail = (
