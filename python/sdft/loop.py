@@ -69,7 +69,13 @@ from sdft.evaluation import (
 from sdft.objectives import Objective, objective_for, weighted_positions
 from sdft.optimizer import adam_params, learning_rate_at, split_evenly, train_pipelined
 from sdft.progress import Progress
-from sdft.rollouts import QuestionPrompts, SamplingRound, question_prompts
+from sdft.rollouts import (
+    QuestionPrompts,
+    SamplingRound,
+    question_prompts,
+    student_prompt,
+    teacher_prompt,
+)
 from sdft.rundir import (
     RunDirectoryError,
     RunResult,
@@ -212,23 +218,10 @@ class Trainer:
         return example_system if example_system is not None else self.params.system_prompt
 
     def _student_prompt(self, question: str, system: str | None) -> types.ModelInput:
-        return sdft_data.build_student_prompt(
-            question=question,
-            tokenizer=self.tokenizer,
-            user_template=self.params.user_template,
-            system_prompt=system,
-            enable_thinking=self.params.enable_thinking,
-        )
+        return student_prompt(question, system, self.params, self.tokenizer)
 
     def _teacher_prompt(self, question: str, answer: str, system: str | None) -> types.ModelInput:
-        return sdft_data.build_teacher_prompt(
-            question=question,
-            golden_answer=answer,
-            tokenizer=self.tokenizer,
-            system_prompt=system,
-            demo_template=self.params.demo_template,
-            enable_thinking=self.params.enable_thinking,
-        )
+        return teacher_prompt(question, answer, system, self.params, self.tokenizer)
 
     def _question_prompts(self, batch: SDFTBatch) -> list[QuestionPrompts]:
         return [question_prompts(e, self.params, self.tokenizer) for e in batch.examples]

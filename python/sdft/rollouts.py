@@ -63,27 +63,42 @@ def system_prompt_of(example: Any, params: AlgorithmParams) -> str | None:
     return example.system_prompt if example.system_prompt is not None else params.system_prompt
 
 
-def student_prompt_of(example: Any, params: AlgorithmParams, tokenizer: Any) -> types.ModelInput:
-    """The student prompt of a training example, rendered as training renders it."""
+def student_prompt(
+    question: str, system: str | None, params: AlgorithmParams, tokenizer: Any
+) -> types.ModelInput:
+    """The student prompt of ``question`` under ``system``, rendered as training renders it."""
     return sdft_data.build_student_prompt(
-        question=example.question,
+        question=question,
         tokenizer=tokenizer,
         user_template=params.user_template,
-        system_prompt=system_prompt_of(example, params),
+        system_prompt=system,
         enable_thinking=params.enable_thinking,
     )
+
+
+def teacher_prompt(
+    question: str, answer: str, system: str | None, params: AlgorithmParams, tokenizer: Any
+) -> types.ModelInput:
+    """The teacher prompt of ``question`` with ``answer`` as the demonstration."""
+    return sdft_data.build_teacher_prompt(
+        question=question,
+        golden_answer=answer,
+        tokenizer=tokenizer,
+        system_prompt=system,
+        demo_template=params.demo_template,
+        enable_thinking=params.enable_thinking,
+    )
+
+
+def student_prompt_of(example: Any, params: AlgorithmParams, tokenizer: Any) -> types.ModelInput:
+    """The student prompt of a training example, rendered as training renders it."""
+    return student_prompt(example.question, system_prompt_of(example, params), params, tokenizer)
 
 
 def teacher_prompt_of(example: Any, params: AlgorithmParams, tokenizer: Any) -> types.ModelInput:
     """The teacher prompt of a training example (its golden answer as the demonstration)."""
-    return sdft_data.build_teacher_prompt(
-        question=example.question,
-        golden_answer=example.golden_answer,
-        tokenizer=tokenizer,
-        system_prompt=system_prompt_of(example, params),
-        demo_template=params.demo_template,
-        enable_thinking=params.enable_thinking,
-    )
+    system = system_prompt_of(example, params)
+    return teacher_prompt(example.question, example.golden_answer, system, params, tokenizer)
 
 
 def question_prompts(example: Any, params: AlgorithmParams, tokenizer: Any) -> QuestionPrompts:
