@@ -562,6 +562,71 @@ def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Pa
     )
 
 
+def test_a_stage_scored_before_a_config_key_existed_is_reused_when_the_key_holds_its_default(
+    tmp_path: Path,
+) -> None:
+    one_chain = {
+        "methods": [{"name": "sdft"}],
+        "learning_rates": [1e-2],
+        "seeds": [0],
+        "benchmarks": [],
+    }
+    path = write_experiment(tmp_path, max_steps=1, extra=one_chain)
+    run_experiment(load_experiment(path), log=lambda _: None)
+    run_dir = tmp_path / "out" / "runs" / "sdft" / "lr0.01" / "seed0" / "stage1-capitals"
+    scores_file = run_dir / "scores.json"
+    stored = json.loads(scores_file.read_text())
+    # as written before the step schedule keys were added to the config
+    del stored["config"]["algorithm"]["params"]["streaming"]
+    del stored["config"]["algorithm"]["params"]["overlap_sampling"]
+    scores_file.write_text(json.dumps(stored))
+    result = run_experiment(load_experiment(path), log=lambda _: None)
+    assert result.trained == [] and "sdft/lr0.01/seed0/stage1-capitals" in result.skipped
+
+    base = tmp_path / "base.yaml"
+    config = yaml.safe_load(base.read_text())
+    config["algorithm"]["params"]["streaming"] = False
+    base.write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(ExperimentFailed, match=r"\(algorithm\.params\.streaming changed\)"):
+        run_experiment(load_experiment(path), log=lambda _: None)
+
+
+def test_changed_keys_compares_nested_values_and_fills_absent_keys_with_defaults() -> None:
+    from sdft.continual.runner import _changed_keys
+
+    new = {"algorithm": {"params": {"streaming": True, "overlap_sampling": False, "lr": 1e-3}}}
+    assert _changed_keys(None, new) == []
+    assert _changed_keys({"algorithm": {"params": {"lr": 1e-3}}}, new) == []
+    assert _changed_keys({"algorithm": {"params": {"lr": 2e-3}}}, new) == ["algorithm.params.lr"]
+    overlapping = {"algorithm": {"params": {"lr": 1e-3, "overlap_sampling": True}}}
+    assert _changed_keys({"algorithm": {"params": {"lr": 1e-3}}}, overlapping) == [
+        "algorithm.params.overlap_sampling"
+    ]
+    # a stored None is a value like any other, and a key dropped from the config is a change
+    assert _changed_keys({"model": {"revision": None}}, {"model": {"revision": "abc"}}) == [
+        "model.revision"
+    ]
+    assert _changed_keys({"model": {"gone": 1}}, {"model": {}}) == ["model.gone"]
+    # a key that is not in the config schema has no default to fill in
+    assert _changed_keys({}, {"extra": 0}) == ["extra"]
+
+
+def test_field_default_reads_the_config_schema() -> None:
+    from sdft.config import NO_DEFAULT, field_default
+
+    assert field_default(("algorithm", "params", "streaming")) is True
+    assert field_default(("algorithm", "params", "overlap_sampling")) is False
+    assert field_default(("algorithm", "kind")) == "sdft"
+    assert field_default(("seed",)) == 0
+    assert field_default(("data",)) is NO_DEFAULT  # required
+    assert field_default(("output_dir",)) is NO_DEFAULT
+    assert field_default(("algorithm", "params", "nope")) is NO_DEFAULT
+    assert field_default(("seed", "deeper")) is NO_DEFAULT
+    assert field_default(("teacher",)) is NO_DEFAULT
+    section = field_default(("algorithm",))
+    assert section["kind"] == "sdft" and section["params"]["streaming"] is True
+
+
 def test_validate_deep_runs_the_teacher_check_of_every_stage(tmp_path: Path, capsys: Any) -> None:
     from sdft.cli import main
 

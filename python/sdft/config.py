@@ -332,6 +332,30 @@ class Config(_Strict):
         return yaml.safe_dump(self.resolved_dict(), sort_keys=False, allow_unicode=True)
 
 
+NO_DEFAULT: Any = object()
+
+
+def field_default(path: tuple[str, ...]) -> Any:
+    """The default a config key takes when a file leaves it out (JSON form), ``NO_DEFAULT`` for a
+    required key or a path that is not a config key; e.g. ``("algorithm", "params", "streaming")``
+    gives ``True``."""
+    model: type[BaseModel] = Config
+    for depth, key in enumerate(path):
+        field = model.model_fields.get(key)
+        if field is None:
+            return NO_DEFAULT
+        if depth == len(path) - 1:
+            if field.is_required():
+                return NO_DEFAULT
+            value = field.get_default(call_default_factory=True)
+            return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        nested = field.annotation
+        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            return NO_DEFAULT
+        model = nested
+    return NO_DEFAULT
+
+
 def _resolve_path(base: Path, value: Path | None) -> Path | None:
     if value is None:
         return None

@@ -28,6 +28,7 @@ from typing import Any
 
 from sdft import _atomic
 from sdft import checkpoints as ckpt
+from sdft.config import field_default
 from sdft.continual.scoring import LoadedTasks, Scores, load_tasks, score_model
 from sdft.continual.spec import Chain, Experiment, StageRun
 from sdft.drift import load_drift_prompts
@@ -374,17 +375,24 @@ def _fingerprint(run: StageRun) -> dict[str, Any]:
     return resolved
 
 
-def _changed_keys(old: Any, new: dict[str, Any], prefix: str = "") -> list[str]:
-    if old is None:
+_ABSENT = object()
+
+
+def _changed_keys(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Key paths whose values differ between a scored stage's stored fingerprint and its config now.
+
+    A key the stored fingerprint lacks was added to the config after that stage was scored; it is
+    no change when the config now holds the key's default, which is what that stage ran with."""
+    if old is None and not path:
+        return []
+    if old is _ABSENT and new is not _ABSENT and new == field_default(path):
         return []
     if isinstance(old, dict) and isinstance(new, dict):
         changed = []
         for key in sorted(set(old) | set(new)):
-            changed += _changed_keys(
-                old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}."
-            )
+            changed += _changed_keys(old.get(key, _ABSENT), new.get(key, _ABSENT), (*path, key))
         return changed
-    return [prefix.rstrip(".")] if old != new else []
+    return [".".join(path)] if old != new else []
 
 
 def _tokenizer(name: str, sampler: Any) -> Any:
