@@ -252,6 +252,56 @@ def test_benchmark_entries(tmp_path: Path) -> None:
     )
 
 
+def test_drift_benchmark_entries(tmp_path: Path) -> None:
+    bench = MINIMAL + "metadata:\n  benchmark:\n"
+    config = load_config(
+        write(
+            tmp_path,
+            bench
+            + "    - {name: drift, kind: drift, path: p.jsonl, run_every: 2}\n"
+            + "    - {name: exact, kind: drift, path: p.jsonl, metrics: [kl, kl_full]}\n"
+            + "    - {name: tasks, path: b}\n",
+        )
+    )
+    drift, exact, tasks = config.metadata.benchmark
+    assert (drift.kind, drift.metrics, drift.ks, drift.num_samples) == ("drift", ["kl"], [1], 1)
+    assert exact.metrics == ["kl", "kl_full"]
+    assert (tasks.kind, tasks.metrics) == ("tasks", ["pass@1"])
+    assert config.resolved_dict()["metadata"]["benchmark"][0]["kind"] == "drift"
+
+    line = "    - {name: d, kind: drift, path: p.jsonl, "
+    assert error_of(tmp_path, bench + line + "metrics: [kl, pass@1]}\n").endswith(
+        ":8: metadata.benchmark[0].metrics: kind: drift has the metrics kl, kl_full, not pass@1"
+    )
+    assert error_of(tmp_path, bench + line + "user_template: 'Q: {question}'}\n").endswith(
+        "metadata.benchmark[0]: user_template applies to kind: tasks; a drift prompt is sent as "
+        "written"
+    )
+    assert error_of(tmp_path, bench + line + "answer_after: '</s>'}\n").endswith(
+        "metadata.benchmark[0]: answer_after applies to kind: tasks; a drift prompt is sent as "
+        "written"
+    )
+    assert error_of(tmp_path, bench + line + "temperature: 0.5}\n").endswith(
+        "metadata.benchmark[0]: kind: drift samples at temperature 1 (the KL is an expectation "
+        "under the model's own distribution)"
+    )
+    assert error_of(tmp_path, bench + "    - {name: d, kind: kl, path: p}\n").endswith(
+        "metadata.benchmark[0].kind: must be one of 'tasks' or 'drift', not 'kl'"
+    )
+    # answer_after: null and temperature: 1 are what a drift benchmark does anyway
+    load_config(write(tmp_path, bench + line + "answer_after: null, temperature: 1}\n"))
+
+    tinker = bench.replace(
+        "data:\n", "backend:\n  kind: tinker\n  base_url: http://127.0.0.1:1\ndata:\n", 1
+    )
+    message = error_of(tmp_path, tinker + line + "metrics: [kl, kl_full]}\n")
+    assert message == (
+        f"{tmp_path / 'config.yaml'}:11: metadata.benchmark[0].metrics: kl_full needs the full "
+        "next-token distributions of the local backend; on backend.kind: tinker use kl"
+    )
+    load_config(write(tmp_path, tinker + line + "metrics: [kl]}\n"))
+
+
 def test_data_section_checks(tmp_path: Path) -> None:
     assert error_of(
         tmp_path,

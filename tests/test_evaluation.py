@@ -133,3 +133,60 @@ def test_paths_from_the_checkpoint_index_stay_inside_the_run(tmp_path: Path, cap
     code, _, err = run(capsys, "eval", str(config), "--checkpoint", "last", "--no-progress")
     assert code == 2 and "has '.' or '..' segments" in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints.jsonl"]
+
+
+def test_a_drift_benchmark_is_scored_in_the_loop_and_by_sdft_eval_alike(
+    tmp_path: Path, capsys
+) -> None:
+    prompts = ["Tell me a joke.", "Name a fruit.", "What is rain?"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "drift.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": text}) + "\n" for i, text in enumerate(prompts)
+        )
+    )
+    drift = {
+        "name": "drift",
+        "kind": "drift",
+        "path": "data/drift.jsonl",
+        "run_every": 2,
+        "metrics": ["kl", "kl_full"],
+        "max_tokens": 6,
+    }
+    config = write_config(
+        tmp_path,
+        params={"max_steps": 2, "save_every": 2, "learning_rate": 5e-2},
+        benchmarks=[drift],
+    )
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 0
+    assert (
+        f"drift from the base model, 3 prompts, kl, kl_full, every 2 steps "
+        f"({tmp_path / 'data' / 'drift.jsonl'})" in out
+    )
+    assert run(capsys, "train", str(config), "--no-progress")[0] == 0
+    rows = [r for r in RunLog(tmp_path / "out").read_metrics() if r["split"] == "val"]
+    assert [r["step"] for r in rows] == [0, 2]
+    assert set(rows[0]["metrics"]) == {"val/drift/kl", "val/drift/kl_full"}
+    # before training the student is the base model: both estimates are exactly 0
+    assert rows[0]["metrics"] == {"val/drift/kl": 0.0, "val/drift/kl_full": 0.0}
+    trained = rows[1]["metrics"]
+    assert trained["val/drift/kl_full"] > 0.01
+    predictions = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "predictions" / "drift.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == 3
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"- `val/drift/kl_full`: {trained['val/drift/kl_full']:.4f} (step 2)" in summary
+
+    # `sdft eval` of the final checkpoint samples with the same seed: the same numbers
+    target = tmp_path / "eval_last"
+    code = run(capsys, "eval", str(config), "--checkpoint", "last", "--output", str(target))[0]
+    assert code == 0
+    (row,) = RunLog(target).read_metrics()
+    assert row["step"] == 2 and row["metrics"] == trained
+    target = tmp_path / "eval_base"
+    assert run(capsys, "eval", str(config), "--output", str(target), "--no-progress")[0] == 0
+    (row,) = RunLog(target).read_metrics()
+    assert row["metrics"] == {"val/drift/kl": 0.0, "val/drift/kl_full": 0.0}

@@ -112,16 +112,16 @@ def _template_check(config, located: list[tuple[str, Any]]) -> Check:
 
 
 def _benchmark_check(entry) -> Check:
+    from sdft.drift import load_drift_prompts
     from sdft.evals import load_benchmark
 
-    benchmark = load_benchmark(entry.path, name=entry.name)
+    if entry.kind == "drift":
+        size = f"drift from the base model, {len(load_drift_prompts(entry.path, limit=entry.limit))} prompts"
+    else:
+        size = f"{len(load_benchmark(entry.path, name=entry.name))} tasks"
     when = f"every {entry.run_every} steps" if entry.run_every else "after training"
     metrics = ", ".join(entry.metrics)
-    return Check(
-        f"benchmark {entry.name}",
-        "ok",
-        f"{len(benchmark)} tasks, {metrics}, {when} ({entry.path})",
-    )
+    return Check(f"benchmark {entry.name}", "ok", f"{size}, {metrics}, {when} ({entry.path})")
 
 
 def _backend_check(config) -> Check:

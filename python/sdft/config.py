@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sdft import _atomic
 from sdft.data import DEFAULT_DEMO_TEMPLATE
@@ -233,8 +241,19 @@ class DataSection(_Strict):
         return self
 
 
+#: The metrics of a ``kind: drift`` benchmark: ``kl`` is the sampled-token estimate of the mean
+#: per-token KL(model || base) on the model's own samples, ``kl_full`` the exact full-vocabulary
+#: value at the same positions (local backend only).
+DRIFT_METRICS = ("kl", "kl_full")
+
+
 class BenchmarkSection(_Strict):
+    """``kind: tasks`` (default): ``path`` is a ``tasks.jsonl`` benchmark scored by its verifiers
+    (``pass@K``); ``kind: drift``: ``path`` lists held-out prompts and the metrics are the drift
+    from the base model (:mod:`sdft.drift`)."""
+
     name: str
+    kind: Literal["tasks", "drift"] = "tasks"
     path: ConfigPath
     run_every: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     metrics: list[str] = Field(default_factory=lambda: ["pass@1"])
@@ -247,6 +266,13 @@ class BenchmarkSection(_Strict):
     # Verifiers score the text after the last occurrence of this marker (a thinking model's final
     # answer) when the response contains it; null scores the whole response.
     answer_after: str | None = "</think>"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metrics(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("kind") == "drift" and "metrics" not in data:
+            return {**data, "metrics": ["kl"]}
+        return data
 
     @field_validator("user_template")
     @classmethod
@@ -271,9 +297,17 @@ class BenchmarkSection(_Strict):
 
     @field_validator("metrics")
     @classmethod
-    def _metrics(cls, value: list[str]) -> list[str]:
+    def _metrics(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if not value:
             raise ValueError("must list at least one metric, e.g. [pass@1]")
+        if info.data.get("kind") == "drift":
+            unknown = [metric for metric in value if metric not in DRIFT_METRICS]
+            if unknown:
+                raise ValueError(
+                    f"kind: drift has the metrics {', '.join(DRIFT_METRICS)}, not "
+                    f"{', '.join(map(str, unknown))}"
+                )
+            return value
         for metric in value:
             if parse_metric(metric) > MAX_SAMPLES:
                 raise ValueError(
@@ -281,9 +315,26 @@ class BenchmarkSection(_Strict):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _drift_settings(self) -> BenchmarkSection:
+        if self.kind != "drift":
+            return self
+        for key in ("user_template", "answer_after"):
+            if key in self.model_fields_set and getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to kind: tasks; a drift prompt is sent as written")
+        if "temperature" in self.model_fields_set and self.temperature != 1.0:
+            raise ValueError(
+                "kind: drift samples at temperature 1 (the KL is an expectation under the "
+                "model's own distribution)"
+            )
+        return self
+
     @property
     def ks(self) -> list[int]:
-        """The K of each ``pass@K`` metric, in order."""
+        """The K of each ``pass@K`` metric, in order (``[1]`` for a drift benchmark: one sample
+        per prompt)."""
+        if self.kind == "drift":
+            return [1]
         return [parse_metric(metric) for metric in self.metrics]
 
     @property
@@ -588,7 +639,12 @@ def _friendly(error: Mapping[str, Any]) -> str:
     return message[0].lower() + message[1:] if message else message
 
 
-def capability_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+#: A setting that cannot be used: its key path (``("metadata", "benchmark", 0, "metrics")``) and
+#: the message.
+Problem = tuple[tuple[str | int, ...], str]
+
+
+def capability_problems(config: Config) -> list[Problem]:
     """What the chosen backend cannot do: ``[(key path, message), ...]``.
 
     Full fine-tuning, the EMA teacher and the full-vocabulary KL run on the local backend only.
@@ -596,7 +652,7 @@ def capability_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
     if config.backend.kind != "tinker":
         return []
     params = config.params
-    problems: list[tuple[tuple[str, ...], str]] = []
+    problems: list[Problem] = []
     if params.full_finetune:
         problems.append(
             (
@@ -622,10 +678,10 @@ def capability_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
     return problems
 
 
-def consistency_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+def consistency_problems(config: Config) -> list[Problem]:
     """Settings that are valid one by one but not together: ``[(key path, message), ...]``."""
     params = config.params
-    problems: list[tuple[tuple[str, ...], str]] = []
+    problems: list[Problem] = []
     if config.algorithm.kind == "sdft" and params.skip_first_n >= params.max_tokens:
         problems.append(
             (
@@ -643,6 +699,16 @@ def consistency_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
                 f"({params.max_context_length}), which also holds the prompt",
             )
         )
+    if config.backend.kind == "tinker":
+        for index, entry in enumerate(config.metadata.benchmark):
+            if entry.kind == "drift" and "kl_full" in entry.metrics:
+                problems.append(
+                    (
+                        ("metadata", "benchmark", index, "metrics"),
+                        "kl_full needs the full next-token distributions of the local backend; "
+                        "on backend.kind: tinker use kl",
+                    )
+                )
     return problems
 
 
@@ -688,7 +754,7 @@ def parse_config(
 
 
 def _raise_problems(
-    problems: list[tuple[tuple[str, ...], str]], source: str, text: str | None
+    problems: list[Problem], source: str, text: str | None
 ) -> None:
     if not problems:
         return
@@ -724,9 +790,9 @@ def _directory_problem(target: Path) -> str | None:
     return None
 
 
-def filesystem_problems(config: Config) -> list[tuple[tuple[str, ...], str]]:
+def filesystem_problems(config: Config) -> list[Problem]:
     """Run directories that cannot be used: ``[(key path, message), ...]``."""
-    problems: list[tuple[tuple[str, ...], str]] = []
+    problems: list[Problem] = []
     candidates: list[tuple[tuple[str, ...], Path | None]] = [
         (("output_dir",), config.output_dir),
         (("backend", "checkpoint_root"), config.backend.checkpoint_root),

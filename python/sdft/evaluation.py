@@ -5,6 +5,8 @@ Benchmarks see the prompt the student trains on: the instruction goes through th
 ``user_template`` (or the benchmark's own), ``system_prompt``, chat template and
 ``enable_thinking``. Verifiers score the final answer: the text after the last ``answer_after``
 marker (``</think>`` by default) when the response has one; predictions keep the whole response.
+A ``kind: drift`` benchmark measures the mean per-token KL from the base model on the model's own
+samples of its prompts (:mod:`sdft.drift`); its predictions are the per-sequence values.
 
 ``sdft eval`` writes into ``output_dir/eval/<label>`` or ``--output``. It replaces only what an
 evaluation wrote there (marked by ``evaluation.json``) and refuses a directory that holds a
@@ -25,6 +27,7 @@ from sdft import _atomic
 from sdft import checkpoints as ckpt
 from sdft.clients import build_service_client, resolve, sampling_seed
 from sdft.config import BenchmarkSection, Config
+from sdft.drift import DriftPrompt, load_drift_prompts, measure_drift
 from sdft.evals import Benchmark, BenchmarkTask, load_benchmark, run_benchmark
 from sdft.metricrows import benchmark_metric_key
 from sdft.progress import Progress, announce
@@ -56,11 +59,24 @@ class EvalResult:
     metrics: dict[str, float]
 
 
-def load_benchmarks(config: Config) -> dict[str, Benchmark]:
-    return {
-        entry.name: load_benchmark(entry.path, name=entry.name)
-        for entry in config.metadata.benchmark
-    }
+#: What a benchmark entry loads to: the tasks of a ``kind: tasks`` benchmark, the prompts of a
+#: ``kind: drift`` one.
+LoadedBenchmark = Benchmark | tuple[DriftPrompt, ...]
+
+
+def load_benchmarks(config: Config) -> dict[str, LoadedBenchmark]:
+    loaded: dict[str, LoadedBenchmark] = {}
+    for entry in config.metadata.benchmark:
+        if entry.kind == "drift":
+            loaded[entry.name] = tuple(load_drift_prompts(entry.path, limit=entry.limit))
+        else:
+            loaded[entry.name] = load_benchmark(entry.path, name=entry.name)
+    return loaded
+
+
+def needs_base_sampler(config: Config) -> bool:
+    """Whether any benchmark measures the drift from the base model."""
+    return any(entry.kind == "drift" for entry in config.metadata.benchmark)
 
 
 def final_answer(response: str, marker: str | None) -> str:
@@ -113,7 +129,7 @@ def due_benchmarks(config: Config, step: int) -> list[str]:
 
 async def evaluate(
     config: Config,
-    benchmarks: dict[str, Benchmark],
+    benchmarks: dict[str, LoadedBenchmark],
     names: Sequence[str],
     sampling_client: Any,
     tokenizer: Any,
@@ -122,16 +138,38 @@ async def evaluate(
     runlog: RunLog,
     progress: bool,
     log_rows: bool = True,
+    base_sampler: Any = None,
 ) -> list[tuple[str, dict[str, float]]]:
-    """Score the benchmarks ``names`` with ``sampling_client``; write predictions and (when
-    ``log_rows``) one metrics row per benchmark at ``step``. Returns the rows as
-    ``[(split, {metric key: value}), ...]``, one per benchmark."""
+    """Score the benchmarks ``names`` with ``sampling_client`` (drift benchmarks against
+    ``base_sampler``, the base model); write predictions and (when ``log_rows``) one metrics row
+    per benchmark at ``step``. Returns the rows as ``[(split, {metric key: value}), ...]``, one
+    per benchmark."""
     entries = {entry.name: entry for entry in config.metadata.benchmark}
     params = config.params
     rows: list[tuple[str, dict[str, float]]] = []
     for name in names:
         entry = entries[name]
-        benchmark = scored_on_final_answers(benchmarks[name], entry)
+        loaded = benchmarks[name]
+        if isinstance(loaded, tuple):
+            if base_sampler is None:
+                raise ValueError(f"benchmark {name} (kind: drift) needs the base model's sampler")
+            drift = await measure_drift(
+                sampling_client,
+                base_sampler,
+                tokenizer,
+                loaded,
+                max_tokens=entry.max_tokens or params.max_tokens,
+                seed=sampling_seed(config.seed, step, 0),
+                system_prompt=params.system_prompt,
+                enable_thinking=params.enable_thinking,
+                full_vocab=True if "kl_full" in entry.metrics else None,
+            )
+            runlog.write_predictions(name, step, drift.per_sequence)
+            rows.append(
+                _log_row(entry, step, drift.metrics(entry.metrics), runlog, log_rows, progress)
+            )
+            continue
+        benchmark = scored_on_final_answers(loaded, entry)
         total = len(benchmark) if entry.limit is None else min(entry.limit, len(benchmark))
         # Without a terminal, one line per task would flood the log: the result line suffices.
         bar = Progress(total, f"eval {name} (step {step})", enabled=progress, lines=False)
@@ -158,17 +196,28 @@ async def evaluate(
         )
         bar.close()
         runlog.write_predictions(name, step, result.predictions)
-        metrics = {
-            benchmark_metric_key(entry.split, name, metric): float(value)
-            for metric, value in result.metrics.items()
-        }
-        if log_rows:
-            runlog.log_metrics(step, entry.split, metrics)
-        if progress:
-            shown = ", ".join(f"{key} = {value:.3f}" for key, value in metrics.items())
-            announce(f"step {step}: {shown}")
-        rows.append((entry.split, metrics))
+        rows.append(_log_row(entry, step, result.metrics, runlog, log_rows, progress))
     return rows
+
+
+def _log_row(
+    entry: BenchmarkSection,
+    step: int,
+    values: dict[str, float],
+    runlog: RunLog,
+    log_rows: bool,
+    progress: bool,
+) -> tuple[str, dict[str, float]]:
+    metrics = {
+        benchmark_metric_key(entry.split, entry.name, metric): float(value)
+        for metric, value in values.items()
+    }
+    if log_rows:
+        runlog.log_metrics(step, entry.split, metrics)
+    if progress:
+        shown = ", ".join(f"{key} = {value:.3f}" for key, value in metrics.items())
+        announce(f"step {step}: {shown}")
+    return entry.split, metrics
 
 
 def _check_output(target: Path) -> None:
@@ -238,6 +287,13 @@ async def evaluate_async(
         sampler = await resolve(service_client.create_sampling_client(base_model=config.model.name))
     else:
         sampler = await resolve(service_client.create_sampling_client(model_path=model_path))
+    base_sampler = None
+    if needs_base_sampler(config):
+        base_sampler = (
+            sampler
+            if model_path is None
+            else await resolve(service_client.create_sampling_client(base_model=config.model.name))
+        )
     tokenizer = _tokenizer(config, sampler)
     _atomic.write_json(
         target / EVALUATION_NAME,
@@ -254,6 +310,7 @@ async def evaluate_async(
         runlog=runlog,
         progress=progress,
         log_rows=False,
+        base_sampler=base_sampler,
     )
     runlog.write_metrics({"step": step, "split": split, "metrics": m} for split, m in rows)
     runlog.write_summary(

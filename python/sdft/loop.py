@@ -57,9 +57,9 @@ from sdft import data as sdft_data
 from sdft.clients import build_service_client, resolve, stop_tokens
 from sdft.config import Config
 from sdft.datasets import SDFTBatch, SimpleSDFTDataset, load_examples
-from sdft.evals import Benchmark
 from sdft.evaluation import (
     EvalResult,
+    LoadedBenchmark,
     due_benchmarks,
     evaluate,
     evaluate_async,
@@ -157,7 +157,8 @@ class Trainer:
         self.objective: Objective | None = None
         self.tokenizer: Any = None
         self.dataset: SimpleSDFTDataset | None = None
-        self.benchmarks: dict[str, Benchmark] = {}
+        self.benchmarks: dict[str, LoadedBenchmark] = {}
+        self._base_sampler: Any = None  # the base model, for drift benchmarks
         self.step = 0
         self.steps_trained = 0  # optimizer steps whose training has finished
 
@@ -360,6 +361,14 @@ class Trainer:
         names = due_benchmarks(self.config, step)
         if not names:
             return
+        entries = {entry.name: entry for entry in self.config.metadata.benchmark}
+        base_sampler = None
+        if any(entries[name].kind == "drift" for name in names):
+            if self._base_sampler is None:
+                self._base_sampler = await resolve(
+                    self.service.create_sampling_client(base_model=self.config.model.name)
+                )
+            base_sampler = self._base_sampler
         await evaluate(
             self.config,
             self.benchmarks,
@@ -369,6 +378,7 @@ class Trainer:
             step=step,
             runlog=self.runlog,
             progress=self.progress,
+            base_sampler=base_sampler,
         )
 
     async def _check_teacher(self) -> None:

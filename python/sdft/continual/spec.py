@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdft.config import (
+    DRIFT_METRICS,
     Config,
     ConfigError,
     _allowed_keys,
@@ -39,7 +40,6 @@ from sdft.config import (
 from sdft.evals import parse_metric
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DRIFT_METRICS = ("kl", "kl_full")
 
 
 class ExperimentError(ConfigError):
