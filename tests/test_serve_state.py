@@ -68,6 +68,15 @@ def test_errors_and_cancellation_become_error_payloads() -> None:
         (ServeError(400, "datum 0: bad"), {"error": "datum 0: bad", "category": "user"}),
         (ValueError("bad value"), {"error": "bad value", "category": "user"}),
         (RuntimeError("boom"), {"error": "boom", "category": "server"}),
+        # an exception's text can quote a key: it never reaches the client
+        (
+            RuntimeError("worker died holding tml-k3y_Secret-99"),
+            {"error": "worker died holding [REDACTED]", "category": "server"},
+        ),
+        (
+            ServeError(400, "echoed {'X-API-Key': 'not-a-tml-shape-key'}"),
+            {"error": "echoed {'X-API-Key': '[REDACTED]'}", "category": "user"},
+        ),
     ]
     for error, expected in cases:
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
@@ -196,3 +205,42 @@ def test_backend_exceptions_become_statuses_and_the_server_keeps_serving(
     response = client.post("/api/v1/create_model", json=request, headers=headers)
     assert (response.status_code, response.json()) == (status, {"detail": detail})
     assert client.get("/api/v1/healthz", headers=headers).json() == {"status": "ok"}
+
+
+def test_error_bodies_of_failed_handlers_never_show_a_key() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from sdft.redact import register_secret
+    from sdft.serve.app import _guarded
+
+    register_secret("plain-secret-4242")  # a key given as --api-key is registered the same way
+
+    async def crashes(request: Any) -> Any:
+        raise RuntimeError("backend died near tml-abc123XYZ and plain-secret-4242")
+
+    async def rejects(request: Any) -> Any:
+        raise ValueError("bad header X-API-Key: tml-zzz999")
+
+    async def refuses(request: Any) -> Any:
+        raise ServeError(404, "no model for tml-abcdef123")
+
+    app = Starlette(
+        routes=[
+            Route(f"/api/v1/{handler.__name__}", _guarded(handler), methods=["POST"])
+            for handler in (crashes, rejects, refuses)
+        ]
+    )
+    client = TestClient(app, raise_server_exceptions=False)
+    answers = {name: client.post(f"/api/v1/{name}") for name in ("crashes", "rejects", "refuses")}
+    assert {name: (r.status_code, r.json()) for name, r in answers.items()} == {
+        "crashes": (
+            500,
+            {
+                "detail": "crashes: internal server error: RuntimeError: backend died near "
+                "[REDACTED] and [REDACTED]"
+            },
+        ),
+        "rejects": (400, {"detail": "rejects: bad header X-API-Key: [REDACTED]"}),
+        "refuses": (404, {"detail": "no model for [REDACTED]"}),
+    }

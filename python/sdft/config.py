@@ -753,9 +753,7 @@ def parse_config(
     return resolve_paths(config, base_dir or Path.cwd())
 
 
-def _raise_problems(
-    problems: list[Problem], source: str, text: str | None
-) -> None:
+def _raise_problems(problems: list[Problem], source: str, text: str | None) -> None:
     if not problems:
         return
     lines = _yaml_lines(text or "")

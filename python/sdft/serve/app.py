@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tinker import types
 
+from sdft.redact import redact
 from sdft.serve import checkpoints as ckpt
 from sdft.serve import codec
 from sdft.serve.auth import ApiKey, AuthMiddleware
@@ -84,7 +85,7 @@ def client_config() -> types.ClientConfigResponse:
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+    return JSONResponse({"detail": redact(message)}, status_code=status)
 
 
 def _future(request_id: str, **extra: Any) -> JSONResponse:
@@ -528,7 +529,9 @@ def _guarded(handler: Handler) -> Handler:
             if status < 500:  # a rejection the backend raised directly
                 return _error(status, f"{where}: {message_of(exc)}")
             logger.exception("%s %s failed", request.method, request.url.path)
-            return _error(500, f"{where}: internal server error: {type(exc).__name__}: {exc}")
+            return _error(
+                500, f"{where}: internal server error: {type(exc).__name__}: {message_of(exc)}"
+            )
 
     return run
 

@@ -69,10 +69,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sdft.models import cache_root
+    from sdft.redact import install_log_redaction, register_secret
     from sdft.serve.app import ServeConfig, create_app, describe_models
     from sdft.serve.auth import check_bind, resolve_api_key
 
     key = resolve_api_key(args.api_key, os.environ)
+    # uvicorn's and the server's log records, and every error body, never show the key
+    install_log_redaction()
+    register_secret(key.value)
     host = args.host or DEFAULT_HOST
     check_bind(host, args.host is not None, key)
     if not 0 <= args.port <= 65535:

@@ -5,6 +5,7 @@ matching ``tinker`` status error (``BadRequestError`` for 400, ``NotFoundError``
 whose text carries the message. A request that fails while it runs answers its
 ``retrieve_future`` with ``{"error": message, "category": "user" | "server"}``, which the SDK
 raises as ``tinker.RequestFailedError``. Never 5xx for a bad request: the SDK retries those.
+Every message passes through :func:`sdft.redact.redact`: an exception's text can quote a key.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import tinker
 
 from sdft.models import ModelNotFoundError
+from sdft.redact import redact
 
 
 class ServeError(Exception):
@@ -37,10 +39,11 @@ def status_of(error: BaseException) -> int:
 
 
 def message_of(error: BaseException) -> str:
+    """The error's message for the client, secrets redacted (:mod:`sdft.redact`)."""
     if isinstance(error, (ServeError, tinker.APIStatusError)):
-        return str(error.message)
+        return redact(str(error.message))
     text = str(error)
-    return text if text else type(error).__name__
+    return redact(text) if text else type(error).__name__
 
 
 def category_of(error: BaseException) -> str:
