@@ -406,6 +406,61 @@ def test_lora_ema_teacher_averages_effective_weights(
     )
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_client_resumed_from_state_continues_its_ema_teacher(
+    local_service: Any, tiny_tokenizer: Any, lora: bool
+) -> None:
+    def create() -> Any:
+        if lora:
+            return local_service.create_lora_training_client(TINY_RANDOM_MODEL, rank=2, seed=5)
+        return local_service.create_full_training_client(TINY_RANDOM_MODEL, seed=5)
+
+    def train(client: Any, seed: int) -> None:
+        client.forward_backward([random_datum(np.random.default_rng(seed), 9)], "cross_entropy")
+        client.optim_step(types.AdamParams(learning_rate=3e-2)).result()
+
+    prompt = prompt_of(tiny_tokenizer, "resumed average")
+    client = create().result()
+    ema = client.create_ema_sampling_client(alpha=0.5).result()
+    other = client.create_ema_sampling_client(alpha=0.25).result()
+    for seed in (1, 2):
+        train(client, seed)
+    saved = client.save_state("with-ema").result().path
+    train(client, 3)
+    uninterrupted = ema.compute_logprobs(prompt).result()
+    meta = json.loads((_checkpoint_dir(local_service, saved) / "sdft_checkpoint.json").read_text())
+    assert meta["ema"] == [
+        {"alpha": 0.5, "file": "ema_0.safetensors"},
+        {"alpha": 0.25, "file": "ema_1.safetensors"},
+    ]
+    del other
+
+    resumed = local_service.create_training_client_from_state_with_optimizer(saved).result()
+    resumed_ema = resumed.create_ema_sampling_client(alpha=0.5).result()
+    train(resumed, 3)
+    np.testing.assert_allclose(
+        resumed_ema.compute_logprobs(prompt).result()[1:], uninterrupted[1:], rtol=0, atol=1e-6
+    )
+    # an alpha the checkpoint does not hold starts from the resumed weights, as before
+    fresh = resumed.create_ema_sampling_client(alpha=0.9).result()
+    live = resumed.save_weights_and_get_sampling_client().result()
+    np.testing.assert_allclose(
+        fresh.compute_logprobs(prompt).result()[1:],
+        live.compute_logprobs(prompt).result()[1:],
+        rtol=0,
+        atol=1e-6,
+    )
+    # ... which the continued average is not
+    assert not np.allclose(
+        resumed_ema.compute_logprobs(prompt).result()[1:],
+        live.compute_logprobs(prompt).result()[1:],
+        atol=1e-4,
+    )
+    # weights without the optimizer (a fresh start from them) do not carry the average either
+    restarted = local_service.create_training_client_from_state(saved).result()
+    assert restarted._saved_emas == []
+
+
 def test_ema_alpha_must_be_in_range(local_service: Any) -> None:
     client = local_service.create_lora_training_client(TINY_RANDOM_MODEL, rank=2).result()
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 0"):

@@ -540,7 +540,8 @@ def test_runner_rejects_parallel_below_one(tmp_path: Path) -> None:
         ExperimentRunner(experiment, parallel=0)
 
 
-def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Path) -> None:
+def run_one_chain(tmp_path: Path) -> Path:
+    """Run a one-chain experiment (sdft, lr 1e-2, seed 0, one step per stage); its file."""
     one_chain = {
         "methods": [{"name": "sdft"}],
         "learning_rates": [1e-2],
@@ -549,6 +550,11 @@ def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Pa
     }
     path = write_experiment(tmp_path, max_steps=1, extra=one_chain)
     run_experiment(load_experiment(path), log=lambda _: None)
+    return path
+
+
+def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Path) -> None:
+    path = run_one_chain(tmp_path)
     base = tmp_path / "base.yaml"
     base.write_text(base.read_text().replace("max_tokens: 6", "max_tokens: 7"))
     with pytest.raises(ExperimentFailed) as caught:
@@ -565,14 +571,7 @@ def test_a_scored_stage_whose_config_changed_is_not_silently_reused(tmp_path: Pa
 def test_a_stage_scored_before_a_config_key_existed_is_reused_when_the_key_holds_its_default(
     tmp_path: Path,
 ) -> None:
-    one_chain = {
-        "methods": [{"name": "sdft"}],
-        "learning_rates": [1e-2],
-        "seeds": [0],
-        "benchmarks": [],
-    }
-    path = write_experiment(tmp_path, max_steps=1, extra=one_chain)
-    run_experiment(load_experiment(path), log=lambda _: None)
+    path = run_one_chain(tmp_path)
     run_dir = tmp_path / "out" / "runs" / "sdft" / "lr0.01" / "seed0" / "stage1-capitals"
     scores_file = run_dir / "scores.json"
     stored = json.loads(scores_file.read_text())

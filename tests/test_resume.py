@@ -131,6 +131,36 @@ def test_crash_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path: Path)
         ), step
 
 
+def test_an_ema_teacher_continues_its_average_on_resume(tmp_path: Path) -> None:
+    """The EMA teacher is saved with the state checkpoint: after a resume it scores like the
+    uninterrupted run's teacher (before, it restarted from the resumed student's weights)."""
+    params = {"max_steps": 4, "save_every": 2, "learning_rate": 2e-2}
+    params["teacher"] = {"mode": "ema", "ema_alpha": 0.5}
+    reference = load_config(write_config(tmp_path, params=params, output_dir="ref", benchmarks=[]))
+    train(reference, service_client=local_service(reference), progress=False)
+
+    short = load_config(
+        write_config(tmp_path, params={**params, "max_steps": 2}, benchmarks=[], name="short.yaml")
+    )
+    train(short, service_client=local_service(short), progress=False)
+    resumed = load_config(write_config(tmp_path, params=params, benchmarks=[]))
+    assert resumed.output_dir == short.output_dir
+    train(resumed, resume=True, service_client=local_service(resumed), progress=False)
+
+    def teacher_metrics(output_dir: Path) -> dict[int, tuple[float, float]]:
+        return {
+            r["step"]: (r["metrics"]["train/teacher_entropy"], r["metrics"]["train/loss_sum"])
+            for r in RunLog(output_dir).read_metrics()
+            if r["split"] == "train"
+        }
+
+    expected, got = teacher_metrics(tmp_path / "ref"), teacher_metrics(resumed.output_dir)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for a, b in zip(got[step], expected[step], strict=True):
+            assert math.isclose(a, b, rel_tol=1e-4), (step, got[step], expected[step])
+
+
 def test_resume_without_any_checkpoint_starts_over_once(tmp_path: Path) -> None:
     config = load_config(
         write_config(tmp_path, params={"max_steps": 3, "save_every": 5}, benchmarks=BENCH)

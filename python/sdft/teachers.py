@@ -4,8 +4,8 @@
 - :class:`SyncTeacher` (``sync``): a saved copy of the student, refreshed every ``sync_every``
   steps; its path goes into the checkpoint rows so a resumed run restores the same teacher;
 - :class:`EmaTeacher` (``ema``, local backend): an exponential moving average of the student,
-  updated by the backend after every ``optim_step``; it is not checkpointed, so a resumed run
-  restarts the average from the resumed student.
+  updated by the backend after every ``optim_step``; the backend saves the average with the
+  state checkpoint, so a resumed run continues it.
 
 Each policy creates its sampling client, acts after each training step, and says what goes into
 a checkpoint row.

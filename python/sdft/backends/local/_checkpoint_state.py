@@ -228,3 +228,42 @@ def restore_optimizer(
             "exp_avg_sq": exp_avg_sq.to(device=param.device, dtype=param.dtype),
         }
     return state
+
+
+# --- EMA teachers -------------------------------------------------------------------------
+
+
+def ema_files(
+    averages: list[tuple[float, dict[str, torch.Tensor]]],
+) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """The files of a training client's EMA teachers (``ema_<i>.safetensors``, in creation
+    order) and their entries for the checkpoint's metadata (``{"alpha", "file"}``)."""
+    contents: dict[str, bytes] = {}
+    entries: list[dict[str, Any]] = []
+    for index, (alpha, tensors) in enumerate(averages):
+        name = f"ema_{index}.safetensors"
+        contents[name] = _safetensors_bytes(tensors)
+        entries.append({"alpha": alpha, "file": name})
+    return contents, entries
+
+
+def read_emas(
+    directory: Path, meta: dict[str, Any], shown: str
+) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """The EMA teachers saved with a state checkpoint: ``[(alpha, tensors by name), ...]``."""
+    entries = meta.get("ema") or []
+    if not isinstance(entries, list):
+        raise CorruptCheckpointError(f"checkpoint {shown}: 'ema' must be a list")
+    saved = []
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("alpha"), (int, float))
+            and isinstance(entry.get("file"), str)
+        ):
+            raise CorruptCheckpointError(
+                f"checkpoint {shown}: an 'ema' entry must be {{alpha, file}}, got {entry!r}"
+            )
+        require_files(meta, (entry["file"],), shown)
+        saved.append((float(entry["alpha"]), load_tensors(directory, entry["file"], shown)))
+    return saved

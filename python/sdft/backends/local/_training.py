@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from tinker import types
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
@@ -76,8 +77,11 @@ class LocalTrainingClient(TrainingClientAsyncShims):
         self.optimizer = make_adamw([p for _, p in self.trainable_parameters])
         self.optim_steps = 0
         self._version = 0
-        # EMA teachers stay alive as long as a sampler uses them (the sampler owns its EMA).
-        self._emas: weakref.WeakSet[EmaTeacher] = weakref.WeakSet()
+        # EMA teachers stay alive as long as a sampler uses them (the sampler owns its EMA); the
+        # list keeps their creation order for checkpoints.
+        self._emas: list[weakref.ref[EmaTeacher]] = []
+        # averages restored from a state checkpoint, waiting for create_ema_sampling_client
+        self._saved_emas: list[tuple[float, dict[str, torch.Tensor]]] = []
         self._snapshot: tuple[int, weakref.ref[WeightView]] | None = None
 
     def __repr__(self) -> str:
@@ -236,7 +240,7 @@ class LocalTrainingClient(TrainingClientAsyncShims):
         grad_norm = adamw_step(self.optimizer, [p for _, p in self.trainable_parameters], params)
         self.optim_steps += 1
         self._version += 1
-        for ema in self._emas:
+        for ema in self._live_emas():
             ema.update()
         return types.OptimStepResponse(
             metrics={
@@ -295,7 +299,9 @@ class LocalTrainingClient(TrainingClientAsyncShims):
     ) -> AwaitableConcurrentFuture[LocalSamplingClient]:
         """Local extra: a sampler whose weights are the EMA of this client's weights, starting at
         the current weights and updated ``ema <- (1 - alpha) * ema + alpha * weights`` after every
-        ``optim_step`` (the paper's teacher uses alpha = 0.01)."""
+        ``optim_step`` (the paper's teacher uses alpha = 0.01). ``save_state`` stores every live
+        EMA teacher with the checkpoint; a client created from that state continues the saved
+        average of the same ``alpha`` instead of starting over."""
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
             return failed_future(LocalBadRequestError(f"alpha must be in (0, 1], got {alpha!r}"))
         return self.runtime.worker.submit(self._create_ema, float(alpha))
@@ -307,7 +313,13 @@ class LocalTrainingClient(TrainingClientAsyncShims):
             is_lora=self.lora is not None,
             alpha=alpha,
         )
-        self._emas.add(ema)
+        # A client resumed from a state checkpoint continues the average saved with it.
+        for index, (saved_alpha, tensors) in enumerate(self._saved_emas):
+            if saved_alpha == alpha:
+                ema.restore(tensors, f"{self.model_id} (resumed EMA, alpha={alpha})")
+                del self._saved_emas[index]
+                break
+        self._emas = [ref for ref in self._emas if ref() is not None] + [weakref.ref(ema)]
         return LocalSamplingClient(
             self.runtime,
             ema.view,
@@ -315,6 +327,9 @@ class LocalTrainingClient(TrainingClientAsyncShims):
             tempered_logprobs=self.settings.tempered_logprobs,
             owner=ema,
         )
+
+    def _live_emas(self) -> list[EmaTeacher]:
+        return [ema for ema in (ref() for ref in self._emas) if ema is not None]
 
     def create_sampling_client(
         self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
@@ -330,7 +345,8 @@ class LocalTrainingClient(TrainingClientAsyncShims):
         overwrite: bool = False,
         user_metadata: dict[str, str] | None = None,
     ) -> AwaitableConcurrentFuture[types.SaveWeightsResponse]:
-        """Weights + optimizer state -> ``local://<model_id>/weights/<name>``."""
+        """Weights + optimizer state (+ the EMA teachers' averages) ->
+        ``local://<model_id>/weights/<name>``."""
         return self._submit_save("weights", name, ttl_seconds, overwrite, user_metadata)
 
     def save_weights_for_sampler(
@@ -377,12 +393,17 @@ class LocalTrainingClient(TrainingClientAsyncShims):
         is_lora = self.lora is not None
         module = self.runtime.module if is_lora else self.runtime.hf_model
         contents = state_files.weight_files(module, is_lora=is_lora)
+        ema_entries: list[dict[str, Any]] = []
         if kind == "weights":
             contents.update(
                 state_files.optimizer_files(
                     self.optimizer, self.trainable_parameters, {"optim_steps": self.optim_steps}
                 )
             )
+            ema_contents, ema_entries = state_files.ema_files(
+                [(ema.alpha, ema.named) for ema in self._live_emas()]
+            )
+            contents.update(ema_contents)
         ckpt.write_checkpoint(
             directory,
             meta={
@@ -396,6 +417,7 @@ class LocalTrainingClient(TrainingClientAsyncShims):
                 "optim_steps": self.optim_steps,
                 "ttl_seconds": ttl_seconds,
                 "user_metadata": {**self.user_metadata, **user_metadata},
+                **({"ema": ema_entries} if ema_entries else {}),
             },
             contents=contents,
             overwrite=overwrite,
@@ -439,6 +461,7 @@ class LocalTrainingClient(TrainingClientAsyncShims):
                 self.optimizer, self.trainable_parameters, directory, meta, shown
             )
             self.optim_steps = int(state.get("optim_steps", 0))
+            self._saved_emas = state_files.read_emas(directory, meta, shown)
         self._version += 1
 
     def load_state(
