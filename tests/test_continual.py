@@ -299,6 +299,32 @@ def test_results_md_tables_are_the_arithmetic_of_results_jsonl(finished: dict[st
         assert (experiment.output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_results_md_of_an_unfinished_experiment_says_so(finished: dict[str, Any]) -> None:
+    from sdft.continual.report import render_markdown
+
+    experiment = finished["experiment"]
+    rows = results(experiment.output_dir)
+    complete = render_markdown(experiment, rows)
+    assert "Incomplete" not in complete and "[n=" not in complete
+    missing = [
+        r
+        for r in rows
+        if (r["method"], r["learning_rate"], r["seed"], r["stage"]) != ("sft", 1e-2, 1, 2)
+    ]
+    text = render_markdown(experiment, missing)
+    assert (
+        "**Incomplete:** 15 of 16 stage runs are scored so far. A cell marked [n=k] holds k of "
+        "the 2 seeds; a cell without seeds shows –." in text
+    )
+    line = next(
+        ln for ln in text.split("## Stage 2")[1].splitlines() if ln.startswith("| sft | 0.01 | ")
+    )
+    assert all(cell.endswith("[n=1]") for cell in line.strip(" |").split(" | ")[2:])
+    assert text.rstrip().endswith(
+        "3 more comparisons have a single seed on one side and are not judged."
+    )
+
+
 def test_rerun_of_a_finished_experiment_trains_nothing(finished: dict[str, Any]) -> None:
     experiment = finished["experiment"]
     before = (experiment.output_dir / "results.jsonl").read_text()
@@ -377,6 +403,24 @@ def test_reading_states_only_differences_beyond_the_seed_spread() -> None:
     one_seed = [r for r in hand_rows() if r["seed"] in (None, 0)]
     assert reading(build_table(one_seed, {"a": "pass@1"}, ["s1", "s2"]), ["s1", "s2"]).startswith(
         "With one seed per cell"
+    )
+    # a cell with one seed is not compared with anything: the reading counts it apart
+    lopsided = [r for r in hand_rows() if r["method"] != "sdft" or r["seed"] == 0]
+    assert reading(
+        build_table(lopsided, {"a": "pass@1", "b": "pass@1"}, ["s1", "s2"]), ["s1", "s2"]
+    ) == (
+        "No method-vs-method comparison (same stage, benchmark and learning rate) has two or more "
+        "seeds on each side yet, so no difference between methods is claimed. 4 more comparisons "
+        "have a single seed on one side and are not judged."
+    )
+    partly = [
+        r for r in hand_rows() if not (r["method"] == "sdft" and r["stage"] == 2 and r["seed"])
+    ]
+    text = reading(build_table(partly, {"a": "pass@1", "b": "pass@1"}, ["s1", "s2"]), ["s1", "s2"])
+    assert text.startswith("Of 2 method-vs-method comparisons with two or more seeds on each side")
+    assert text.endswith(
+        "Every other difference is within the seed spread and is not a finding. 2 more "
+        "comparisons have a single seed on one side and are not judged."
     )
 
 

@@ -128,6 +128,24 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
+def _progress_lines(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A status paragraph while the experiment is incomplete (nothing once every run is scored)."""
+    spec = experiment.spec
+    expected = len(spec.methods) * len(spec.learning_rates) * len(spec.seeds) * len(spec.stages)
+    scored = {
+        (row["method"], row["learning_rate"], row["seed"], row["stage"])
+        for row in rows
+        if row["stage"] != 0
+    }
+    if len(scored) >= expected:
+        return []
+    return [
+        f"**Incomplete:** {len(scored)} of {expected} stage runs are scored so far. A cell marked "
+        f"[n=k] holds k of the {len(spec.seeds)} seeds; a cell without seeds shows –.",
+        "",
+    ]
+
+
 def render_markdown(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> str:
     spec = experiment.spec
     main = {b.name: b.main_metric for b in experiment.benchmarks}
@@ -142,6 +160,7 @@ def render_markdown(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -
         f"{', '.join(f'{lr:g}' for lr in spec.learning_rates)}; seeds {seeds}. "
         f"Stages: {' → '.join(f'{i}. {s.name} ({s.max_steps} steps)' for i, s in enumerate(spec.stages, 1))}.",
         "",
+        *_progress_lines(experiment, rows),
         "Cells: mean ± std over seeds (sample std) of each benchmark's metric, then the change from "
         "the base model in brackets (not for drift, which is already measured from the base "
         "model; its sampled estimate can be slightly negative). Benchmarks: "
@@ -176,10 +195,13 @@ def render_markdown(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -
                     delta = table.delta(method, lr, index, benchmark)
                     if cell is None:
                         cells.append("–")
-                    elif delta is None or benchmark in drift_names:
-                        cells.append(cell.shown())
-                    else:
-                        cells.append(f"{cell.shown()} ({_signed(delta.mean)})")
+                        continue
+                    text = cell.shown()
+                    if delta is not None and benchmark not in drift_names:
+                        text += f" ({_signed(delta.mean)})"
+                    if cell.n < len(spec.seeds):
+                        text += f" [n={cell.n}]"
+                    cells.append(text)
                 lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
         for earlier in range(1, index):
@@ -230,7 +252,7 @@ def reading(table: ResultTable, stages: Sequence[str]) -> str:
             "is claimed; run more seeds to compare them."
         )
     claims = []
-    compared = 0
+    compared = unjudged = 0
     for index, stage in enumerate(stages, start=1):
         for benchmark in table.benchmarks:
             for lr in table.learning_rates:
@@ -239,6 +261,9 @@ def reading(table: ResultTable, stages: Sequence[str]) -> str:
                         a = table.cell(first, lr, index, benchmark)
                         b = table.cell(second, lr, index, benchmark)
                         if a is None or b is None:
+                            continue
+                        if a.n < 2 or b.n < 2:
+                            unjudged += 1
                             continue
                         compared += 1
                         if exceeds_spread(a, b):
@@ -250,17 +275,34 @@ def reading(table: ResultTable, stages: Sequence[str]) -> str:
                                 f"{hi_s.mean - lo_s.mean:.3f} higher with {high} than with {low} "
                                 f"({hi_s.shown()} vs {lo_s.shown()})"
                             )
+    untested = ""
+    if unjudged == 1:
+        untested = " 1 more comparison has a single seed on one side and is not judged."
+    elif unjudged:
+        untested = (
+            f" {unjudged} more comparisons have a single seed on one side and are not judged."
+        )
+    if not compared:
+        return (
+            "No method-vs-method comparison (same stage, benchmark and learning rate) has two or "
+            "more seeds on each side yet, so no difference between methods is claimed."
+            + untested
+        )
     if not claims:
         return (
-            f"None of the {compared} method-vs-method comparisons (same stage, benchmark and "
-            "learning rate) differs by more than the seed spread (|Δ mean| > std₁ + std₂): at this "
-            "number of seeds and tasks the results do not separate the methods."
+            f"None of the {compared} method-vs-method comparisons with two or more seeds on each "
+            "side (same stage, benchmark and learning rate) differs by more than the seed spread "
+            "(|Δ mean| > std₁ + std₂): at this number of seeds and tasks the results do not "
+            "separate the methods." + untested
         )
     return (
-        f"Of {compared} method-vs-method comparisons (same stage, benchmark and learning rate), "
-        f"{len(claims)} {'differs' if len(claims) == 1 else 'differ'} by more than the seed spread (|Δ mean| > std₁ + std₂): "
+        f"Of {compared} method-vs-method comparisons with two or more seeds on each side (same "
+        f"stage, benchmark and learning rate), {len(claims)} "
+        f"{'differs' if len(claims) == 1 else 'differ'} by more than the seed spread "
+        "(|Δ mean| > std₁ + std₂): "
         + "; ".join(claims)
         + ". Every other difference is within the seed spread and is not a finding."
+        + untested
     )
 
 
