@@ -196,6 +196,25 @@ def test_validate_sees_an_existing_run(tmp_path: Path, capsys) -> None:
     ) in out.splitlines()
 
 
+def test_validate_counts_checkpoints_only_where_the_run_keeps_them(tmp_path: Path, capsys) -> None:
+    """``checkpoints/`` in output_dir is another run's when ``checkpoint_root`` points elsewhere:
+    validate, like train, treats output_dir as new."""
+    config = write_config(tmp_path, benchmarks=[])
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    text = config.read_text().replace(
+        "backend:\n", f"backend:\n  checkpoint_root: {tmp_path / 'elsewhere'}\n", 1
+    )
+    config.write_text(text)
+    code, out, _ = run(capsys, "validate", str(config))
+    assert code == 0
+    assert f"[ok  ] output_dir           {tmp_path / 'out'} (new run)" in out.splitlines()
+    default_root = write_config(tmp_path, benchmarks=[], name="default.yaml")
+    code, out, _ = run(capsys, "validate", str(default_root))
+    assert (
+        f"[warn] output_dir           {tmp_path / 'out'} already holds a run (no checkpoint " in out
+    )
+
+
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "sdft"
     assert script.is_file()

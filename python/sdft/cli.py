@@ -160,10 +160,11 @@ def _backend_check(config) -> Check:
 
 def _output_check(config) -> Check:
     from sdft.checkpoints import last_checkpoint
-    from sdft.runlog import existing_outputs
+    from sdft.rundir import present_outputs
 
     output_dir = config.output_dir
-    present = existing_outputs(output_dir)
+    # the same test `sdft train` applies: checkpoints/ counts only when it is the checkpoint root
+    present = present_outputs(config)
     if not present:
         parent = output_dir
         while not parent.exists():
