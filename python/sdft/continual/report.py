@@ -285,8 +285,7 @@ def reading(table: ResultTable, stages: Sequence[str]) -> str:
     if not compared:
         return (
             "No method-vs-method comparison (same stage, benchmark and learning rate) has two or "
-            "more seeds on each side yet, so no difference between methods is claimed."
-            + untested
+            "more seeds on each side yet, so no difference between methods is claimed." + untested
         )
     if not claims:
         return (
