@@ -24,7 +24,8 @@ def _title(figure: Figure, title: str) -> None:
         figure.suptitle(textwrap.fill(title, width=110), fontsize="medium", y=1.02)
 
 
-def _save(figure: Figure, path: str | Path) -> None:
+def save_figure(figure: Figure, path: str | Path) -> None:
+    """Render ``figure`` to PNG in memory and write it to ``path`` atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     _atomic.write_bytes(path, buffer.getvalue())
@@ -58,7 +59,7 @@ def write_metrics_plot(
     bench_axis.set_xlabel("step")
     bench_axis.grid(alpha=0.3)
     _title(figure, title)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def write_comparison_plot(
@@ -89,4 +90,4 @@ def write_comparison_plot(
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     _title(figure, title)
-    _save(figure, path)
+    save_figure(figure, path)

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from sdft import _atomic
 from sdft.continual.spec import Experiment
+from sdft.plots import save_figure
 
 
 @dataclass(frozen=True)
@@ -346,11 +349,6 @@ def _mean_over(
 def write_tradeoff_plot(
     experiment: Experiment, rows: Sequence[Mapping[str, Any]], path: Path
 ) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     main = {b.name: b.main_metric for b in experiment.benchmarks}
     table = build_table(rows, main, [s.name for s in experiment.spec.stages])
     stages = [
@@ -362,9 +360,8 @@ def write_tradeoff_plot(
         return None
     has_drift = any(b.kind == "drift" for b in experiment.benchmarks)
     columns = 2 if has_drift else 1
-    figure, axes = plt.subplots(
-        len(stages), columns, figsize=(5.5 * columns, 4.2 * len(stages)), squeeze=False
-    )
+    figure = Figure(figsize=(5.5 * columns, 4.2 * len(stages)))
+    axes = figure.subplots(len(stages), columns, squeeze=False)
     markers = "osD^v<>px*"
     for row_index, stage in enumerate(stages):
         points = _points(table, experiment, stage)
@@ -403,11 +400,7 @@ def write_tradeoff_plot(
     figure.suptitle("New-task gain vs change on old tasks and drift (mean ± std over seeds)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    _atomic.write_bytes(path, temporary.read_bytes())
-    temporary.unlink()
+    save_figure(figure, path)
     return path
 
 
@@ -415,11 +408,6 @@ def write_stage_plot(
     experiment: Experiment, rows: Sequence[Mapping[str, Any]], path: Path
 ) -> Path | None:
     """Every benchmark after every stage (stage 0 = the base model), one line per method × lr."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     main = {b.name: b.main_metric for b in experiment.benchmarks}
     table = build_table(rows, main, [s.name for s in experiment.spec.stages])
     if not table.benchmarks or not table.methods:
@@ -427,7 +415,8 @@ def write_stage_plot(
     count = len(table.benchmarks)
     columns = min(3, count)
     lines = math.ceil(count / columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.8 * lines), squeeze=False)
+    figure = Figure(figsize=(5 * columns, 3.8 * lines))
+    axes = figure.subplots(lines, columns, squeeze=False)
     stage_count = len(experiment.spec.stages)
     for index, benchmark in enumerate(table.benchmarks):
         axis = axes[index // columns][index % columns]
@@ -465,11 +454,7 @@ def write_stage_plot(
     figure.suptitle("Every benchmark after every stage (mean ± std over seeds)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    _atomic.write_bytes(path, temporary.read_bytes())
-    temporary.unlink()
+    save_figure(figure, path)
     return path
 
 
