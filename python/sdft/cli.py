@@ -116,7 +116,8 @@ def _benchmark_check(entry) -> Check:
     from sdft.evals import load_benchmark
 
     if entry.kind == "drift":
-        size = f"drift from the base model, {len(load_drift_prompts(entry.path, limit=entry.limit))} prompts"
+        prompts = load_drift_prompts(entry.path, limit=entry.limit)
+        size = f"drift from the base model, {len(prompts)} prompts"
     else:
         size = f"{len(load_benchmark(entry.path, name=entry.name))} tasks"
     when = f"every {entry.run_every} steps" if entry.run_every else "after training"
