@@ -436,6 +436,71 @@ def _interrupted_run(output_dir: Path, max_steps: int) -> Path | None:
     return None
 
 
+def test_a_claim_is_held_by_one_holder_and_dropped_when_its_process_dies(tmp_path: Path) -> None:
+    from sdft.continual.claims import Claim
+
+    first, second = Claim(tmp_path, "chain"), Claim(tmp_path, "chain")
+    assert first.take()
+    assert not second.take()
+    assert second.holder() == f"pid {os.getpid()}"
+    first.release()
+    assert second.take()
+    second.release()
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from sdft.continual.claims import Claim;"
+            f"c = Claim(Path({str(tmp_path)!r}), 'chain'); assert c.take(); print('held', "
+            "flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        waiting = Claim(tmp_path, "chain")
+        assert not waiting.take() and waiting.holder() == f"pid {holder.pid}"
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait(timeout=60)
+        assert waiting.take()
+        waiting.release()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=60)
+
+
+def test_two_processes_on_one_experiment_share_its_chains(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, max_steps=1)
+    experiment = load_experiment(path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sdft.cli", "continual", str(path)]
+    processes = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    trained = [
+        {line.split(": ")[0] for line in err.splitlines() if line.endswith(": training 1 steps")}
+        for _, err in outputs
+    ]
+    # every run trained by exactly one of the two, and both did some of the work
+    assert not trained[0] & trained[1]
+    assert trained[0] | trained[1] == {run.label for run in experiment.runs.values()}
+    assert trained[0] and trained[1]
+    assert any("run by pid " in err and "; left to it" in err for _, err in outputs)
+    rows = results(experiment.output_dir)
+    assert set(Counter(result_key(row) for row in rows).values()) == {1}
+    assert len(rows) == 4 + 8 * 2 * 4
+    # the process that finished last wrote the complete reports
+    assert "Incomplete" not in (experiment.output_dir / "results.md").read_text()
+
+
 def test_kill_9_mid_experiment_then_resume_counts_each_run_once(tmp_path: Path) -> None:
     path = write_experiment(
         tmp_path, max_steps=3, extra={"methods": [{"name": "sdft"}], "learning_rates": [1e-2]}

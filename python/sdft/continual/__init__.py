@@ -16,6 +16,7 @@ from sdft.continual.runner import (
     StageStartService,
     result_rows,
     run_experiment,
+    write_outputs,
     write_results,
 )
 from sdft.continual.spec import (
@@ -46,5 +47,6 @@ __all__ = [
     "parse_experiment",
     "result_rows",
     "run_experiment",
+    "write_outputs",
     "write_results",
 ]

@@ -233,22 +233,26 @@ def cmd_continual(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root) if getattr(args, "data_root", None) else None
     experiment = load_experiment(args.experiment, data_root=data_root)
     if getattr(args, "report_only", False):
-        from sdft.continual.report import write_reports
-        from sdft.continual.runner import result_rows, write_results
+        from sdft.continual.runner import result_rows, write_outputs
 
-        write_results(experiment)
+        written = write_outputs(experiment)
         scored = {
             (row["method"], row["learning_rate"], row["seed"], row["stage"])
             for row in result_rows(experiment)
         }
         print(f"Scored:    {len(scored)} of {len(experiment.runs) + 1} (base model included)")
-        for path in write_reports(experiment):
+        for path in written[1:]:
             print(f"Output:    {path}")
         return 0
     started = time.perf_counter()
     result = run_experiment(experiment, parallel=args.parallel)
     elapsed = time.perf_counter() - started
     print(f"Runs:      {len(result.trained)} trained, {len(result.skipped)} already done")
+    if result.elsewhere:
+        print(
+            f"Elsewhere: {', '.join(result.elsewhere)} run by other processes; the last process "
+            "to finish writes the complete results and reports"
+        )
     print(f"Time:      {elapsed:.0f} s")
     for name in ("results.jsonl", "results.md", "tradeoff.png", "stages.png"):
         path = result.output_dir / name

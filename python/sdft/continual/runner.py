@@ -29,12 +29,14 @@ from typing import Any
 from sdft import _atomic
 from sdft import checkpoints as ckpt
 from sdft.config import field_default
+from sdft.continual.claims import Claim, holding, lock_name
 from sdft.continual.scoring import LoadedTasks, Scores, load_tasks, score_model
 from sdft.continual.spec import Chain, Experiment, StageRun
 from sdft.drift import load_drift_prompts
 
 RESULTS_NAME = "results.jsonl"
 SCORES_NAME = "scores.json"
+RESULTS_LOCK = "results"
 START_NAME = "start.json"
 
 
@@ -89,6 +91,8 @@ class ExperimentResult:
     scored: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    # chains (and "base") another process was running: left to it
+    elsewhere: list[str] = field(default_factory=list)
 
 
 def load_inputs(experiment: Experiment) -> dict[str, LoadedTasks]:
@@ -167,10 +171,24 @@ def result_rows(experiment: Experiment) -> list[dict[str, Any]]:
 
 
 def write_results(experiment: Experiment) -> Path:
+    """Rebuild ``results.jsonl`` from every ``scores.json`` on disk."""
     path = experiment.output_dir / RESULTS_NAME
-    rows = result_rows(experiment)
-    _atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    with holding(experiment.output_dir, RESULTS_LOCK):
+        rows = result_rows(experiment)
+        _atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def write_outputs(experiment: Experiment) -> list[Path]:
+    """``results.jsonl`` and the reports, rebuilt together from what is on disk, under the lock
+    that makes the last of several processes write the complete ones."""
+    from sdft.continual.report import write_reports
+
+    with holding(experiment.output_dir, RESULTS_LOCK):
+        path = experiment.output_dir / RESULTS_NAME
+        rows = result_rows(experiment)
+        _atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        return [path, *write_reports(experiment)]
 
 
 def _write_scores(directory: Path, scores: Scores, extra: dict[str, Any]) -> None:
@@ -243,7 +261,16 @@ class ExperimentRunner:
 
         async def guarded(chain: Chain) -> None:
             async with gate:
-                await self._run_chain(chain)
+                claim = Claim(experiment.output_dir, lock_name(chain.label))
+                if not claim.take():
+                    self.result.elsewhere.append(chain.label)
+                    self.log(f"{chain.label}: run by {claim.holder()}; left to it")
+                    claim.release()
+                    return
+                try:
+                    await self._run_chain(chain)
+                finally:
+                    claim.release()
 
         outcomes = await asyncio.gather(
             *(guarded(chain) for chain in experiment.chains), return_exceptions=True
@@ -253,11 +280,10 @@ class ExperimentRunner:
                 if not isinstance(outcome, Exception):
                     raise outcome
                 self.result.failed[chain.label] = f"{type(outcome).__name__}: {outcome}"
-        write_results(experiment)
         if self.reports:
-            from sdft.continual.report import write_reports
-
-            write_reports(experiment)
+            write_outputs(experiment)
+        else:
+            write_results(experiment)
         if self.result.failed:
             lines = "; ".join(f"{label}: {error}" for label, error in self.result.failed.items())
             raise ExperimentFailed(f"{len(self.result.failed)} chain(s) failed: {lines}")
@@ -268,6 +294,21 @@ class ExperimentRunner:
         if read_scores(directory) is not None:
             self.result.skipped.append("base")
             return
+        claim = Claim(self.experiment.output_dir, "base")
+        if not claim.take():
+            self.result.elsewhere.append("base")
+            self.log(f"base: scored by {claim.holder()}; left to it")
+            claim.release()
+            return
+        try:
+            if read_scores(directory) is not None:  # scored while this process started
+                self.result.skipped.append("base")
+                return
+            await self._score_base_now(directory)
+        finally:
+            claim.release()
+
+    async def _score_base_now(self, directory: Path) -> None:
         started = time.perf_counter()
         scores = await score_model(
             self.base_sampler,
@@ -435,5 +476,6 @@ __all__ = [
     "load_inputs",
     "result_rows",
     "run_experiment",
+    "write_outputs",
     "write_results",
 ]
