@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sdft.cli import DEFAULT_TEACHER_CHECK
 from sdft.config import load_config
 from sdft.loop import evaluate_checkpoint, train
 from serve_fixture import ServeProcess, start_server
@@ -129,7 +130,8 @@ def test_resume_after_kill_9_of_the_client(tmp_path: Path, tinker_env: ServeProc
     resumed = _cli("train", str(remote), "--resume", "--no-progress", env=env)
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output
-    train(load_config(local), progress=False)
+    # `sdft train` checks the teacher at step 0 by default: over the wire as in-process
+    train(load_config(local), progress=False, teacher_check=DEFAULT_TEACHER_CHECK)
     assert_same_metrics(rows(remote), rows(local))
 
 

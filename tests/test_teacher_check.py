@@ -216,3 +216,39 @@ def test_validate_teacher_check_on_a_run_config(tmp_path: Any, capsys: Any) -> N
     sft = write_config(tmp_path, kind="sft", benchmarks=[], name="sft.yaml")
     assert main(["validate", str(sft), "--teacher-check", "2"]) == 0
     assert "[skip] teacher check" in capsys.readouterr().out
+
+
+def test_sdft_train_checks_the_teacher_by_default_without_changing_the_run(
+    tmp_path: Any, capsys: Any
+) -> None:
+    from sdft.cli import main
+    from sdft.runlog import RunLog
+    from support import write_config
+
+    config = write_config(tmp_path, params={"max_steps": 2}, benchmarks=[])
+    assert main(["train", str(config), "--no-progress"]) == 0
+    unchecked = write_config(tmp_path, params={"max_steps": 2}, benchmarks=[], output_dir="plain")
+    assert main(["train", str(unchecked), "--no-progress", "--teacher-check", "0"]) == 0
+    checked_rows = RunLog(tmp_path / "out").read_metrics()
+    plain_rows = RunLog(tmp_path / "plain").read_metrics()
+    (check,) = [row for row in checked_rows if row["split"] == "teacher_check"]
+    assert check["step"] == 0 and check["metrics"]["teacher_check/examples"] == 5.0  # all 5
+    assert (
+        "## Teacher check (step 0)"
+        in (tmp_path / "out" / "summary.md").read_text()
+    )
+    assert not [row for row in plain_rows if row["split"] == "teacher_check"]
+    assert "Teacher check" not in (tmp_path / "plain" / "summary.md").read_text()
+
+    # the check samples with its own seeds: the training run is the same with or without it
+    def train_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in row["metrics"].items() if not k.startswith("time/")}
+            for row in rows
+            if row["split"] == "train"
+        ]
+
+    assert train_rows(checked_rows) == train_rows(plain_rows)
+    capsys.readouterr()
+    assert main(["train", str(unchecked), "--teacher-check", "-1", "--overwrite"]) == 2
+    assert "--teacher-check must be >= 0, got -1" in capsys.readouterr().err

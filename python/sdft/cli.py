@@ -188,6 +188,9 @@ def _output_check(config) -> Check:
     )
 
 
+#: Training examples ``sdft train`` checks the teacher on at step 0 of an SDFT run (``summary.md``).
+DEFAULT_TEACHER_CHECK = 8
+
 #: How many problem rows ``validate --deep`` lists one by one before summarizing the rest.
 MAX_ROWS_REPORTED = 20
 
@@ -302,6 +305,8 @@ def _outputs_line(output_dir: Path) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from sdft.loop import train
 
+    if args.teacher_check < 0:
+        raise ValueError(f"--teacher-check must be >= 0, got {args.teacher_check}")
     config = _load(args.config)
     if args.max_steps is not None:
         if args.max_steps < 1:
@@ -425,10 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--teacher-check",
         type=int,
-        default=0,
+        default=DEFAULT_TEACHER_CHECK,
         metavar="N",
         help="SDFT: at step 0, check the teacher against the student on N training examples "
-        "(a section of summary.md)",
+        f"(a section of summary.md; default {DEFAULT_TEACHER_CHECK}, 0 skips it)",
     )
     train.set_defaults(handler=cmd_train)
 
