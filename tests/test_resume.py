@@ -131,11 +131,16 @@ def test_crash_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path: Path)
         ), step
 
 
-def test_an_ema_teacher_continues_its_average_on_resume(tmp_path: Path) -> None:
-    """The EMA teacher is saved with the state checkpoint: after a resume it scores like the
-    uninterrupted run's teacher (before, it restarted from the resumed student's weights)."""
-    params = {"max_steps": 4, "save_every": 2, "learning_rate": 2e-2}
-    params["teacher"] = {"mode": "ema", "ema_alpha": 0.5}
+@pytest.mark.parametrize(
+    "teacher",
+    [{"mode": "ema", "ema_alpha": 0.5}, {"mode": "sync", "sync_every": 2}],
+    ids=["ema", "sync"],
+)
+def test_a_following_teacher_is_restored_on_resume(tmp_path: Path, teacher: dict) -> None:
+    """The EMA teacher's average is saved with the state checkpoint, the synced teacher's path
+    with the checkpoint row: after a resume the teacher scores like the uninterrupted run's (an
+    EMA teacher used to restart from the resumed student's weights)."""
+    params = {"max_steps": 4, "save_every": 2, "learning_rate": 2e-2, "teacher": teacher}
     reference = load_config(write_config(tmp_path, params=params, output_dir="ref", benchmarks=[]))
     train(reference, service_client=local_service(reference), progress=False)
 

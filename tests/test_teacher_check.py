@@ -233,10 +233,7 @@ def test_sdft_train_checks_the_teacher_by_default_without_changing_the_run(
     plain_rows = RunLog(tmp_path / "plain").read_metrics()
     (check,) = [row for row in checked_rows if row["split"] == "teacher_check"]
     assert check["step"] == 0 and check["metrics"]["teacher_check/examples"] == 5.0  # all 5
-    assert (
-        "## Teacher check (step 0)"
-        in (tmp_path / "out" / "summary.md").read_text()
-    )
+    assert "## Teacher check (step 0)" in (tmp_path / "out" / "summary.md").read_text()
     assert not [row for row in plain_rows if row["split"] == "teacher_check"]
     assert "Teacher check" not in (tmp_path / "plain" / "summary.md").read_text()
 
