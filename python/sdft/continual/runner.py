@@ -170,13 +170,17 @@ def result_rows(experiment: Experiment) -> list[dict[str, Any]]:
     return rows
 
 
+def _rebuild_results(experiment: Experiment) -> Path:
+    path = experiment.output_dir / RESULTS_NAME
+    rows = result_rows(experiment)
+    _atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_results(experiment: Experiment) -> Path:
     """Rebuild ``results.jsonl`` from every ``scores.json`` on disk."""
-    path = experiment.output_dir / RESULTS_NAME
     with holding(experiment.output_dir, RESULTS_LOCK):
-        rows = result_rows(experiment)
-        _atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-    return path
+        return _rebuild_results(experiment)
 
 
 def write_outputs(experiment: Experiment) -> list[Path]:
@@ -185,10 +189,7 @@ def write_outputs(experiment: Experiment) -> list[Path]:
     from sdft.continual.report import write_reports
 
     with holding(experiment.output_dir, RESULTS_LOCK):
-        path = experiment.output_dir / RESULTS_NAME
-        rows = result_rows(experiment)
-        _atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-        return [path, *write_reports(experiment)]
+        return [_rebuild_results(experiment), *write_reports(experiment)]
 
 
 def _write_scores(directory: Path, scores: Scores, extra: dict[str, Any]) -> None:
