@@ -675,6 +675,15 @@ def capability_problems(config: Config) -> list[Problem]:
                 "ema needs backend.kind: local; use static or sync with Tinker",
             )
         )
+    for index, entry in enumerate(config.metadata.benchmark):
+        if entry.kind == "drift" and "kl_full" in entry.metrics:
+            problems.append(
+                (
+                    ("metadata", "benchmark", index, "metrics"),
+                    "kl_full needs the full next-token distributions of the local backend; "
+                    "on backend.kind: tinker use kl",
+                )
+            )
     return problems
 
 
@@ -699,16 +708,6 @@ def consistency_problems(config: Config) -> list[Problem]:
                 f"({params.max_context_length}), which also holds the prompt",
             )
         )
-    if config.backend.kind == "tinker":
-        for index, entry in enumerate(config.metadata.benchmark):
-            if entry.kind == "drift" and "kl_full" in entry.metrics:
-                problems.append(
-                    (
-                        ("metadata", "benchmark", index, "metrics"),
-                        "kl_full needs the full next-token distributions of the local backend; "
-                        "on backend.kind: tinker use kl",
-                    )
-                )
     return problems
 
 

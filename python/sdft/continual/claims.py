@@ -3,9 +3,10 @@
 Each chain, the base model's scoring and the writing of ``results.jsonl`` and the reports are
 guarded by an advisory ``flock`` on a file in ``output_dir/.locks/``. A process takes a chain only
 when its lock is free and leaves it to the process that holds it otherwise; the base model is
-scored once (the others wait for it); results and reports are rebuilt under their lock from
-everything on disk, so the process that finishes last writes the complete ones. The kernel drops
-a lock when its process ends, ``kill -9`` included, so a crashed process never blocks a chain.
+scored by the process that takes its lock (the others go on to the chains); results and reports
+are rebuilt under their lock from everything on disk, so the process that finishes last writes
+the complete ones. The kernel drops a lock when its process ends, ``kill -9`` included, so a
+crashed process never blocks a chain.
 
 Use it to run one process per GPU, or on a CPU machine several processes with fewer threads each
 (``scripts/experiment.sh`` with ``JOBS=2``). Locks are advisory and local: they coordinate
@@ -81,7 +82,7 @@ def lock_name(label: str) -> str:
 
 @contextlib.contextmanager
 def holding(output_dir: Path, name: str) -> Iterator[None]:
-    """Hold lock ``name``, waiting for it (results and reports, the base model's scoring)."""
+    """Hold lock ``name``, waiting for it (the rebuilding of results and reports)."""
     claim = Claim(output_dir, name)
     try:
         claim.wait()

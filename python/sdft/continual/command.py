@@ -233,14 +233,14 @@ def cmd_continual(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root) if getattr(args, "data_root", None) else None
     experiment = load_experiment(args.experiment, data_root=data_root)
     if getattr(args, "report_only", False):
+        from sdft.continual.report import scored_stage_runs
         from sdft.continual.runner import result_rows, write_outputs
 
         written = write_outputs(experiment)
-        scored = {
-            (row["method"], row["learning_rate"], row["seed"], row["stage"])
-            for row in result_rows(experiment)
-        }
-        print(f"Scored:    {len(scored)} of {len(experiment.runs) + 1} (base model included)")
+        rows = result_rows(experiment)
+        base = 1 if any(row["stage"] == 0 for row in rows) else 0
+        scored = len(scored_stage_runs(rows)) + base
+        print(f"Scored:    {scored} of {len(experiment.runs) + 1} (base model included)")
         for path in written[1:]:
             print(f"Output:    {path}")
         return 0

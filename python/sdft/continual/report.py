@@ -131,15 +131,20 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
-def _progress_lines(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """A status paragraph while the experiment is incomplete (nothing once every run is scored)."""
-    spec = experiment.spec
-    expected = len(spec.methods) * len(spec.learning_rates) * len(spec.seeds) * len(spec.stages)
-    scored = {
+def scored_stage_runs(rows: Sequence[Mapping[str, Any]]) -> set[tuple[Any, ...]]:
+    """The (method, lr, seed, stage) of every stage run with a score (the base model excluded)."""
+    return {
         (row["method"], row["learning_rate"], row["seed"], row["stage"])
         for row in rows
         if row["stage"] != 0
     }
+
+
+def _progress_lines(experiment: Experiment, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A status paragraph while the experiment is incomplete (nothing once every run is scored)."""
+    spec = experiment.spec
+    expected = len(experiment.runs)
+    scored = scored_stage_runs(rows)
     if len(scored) >= expected:
         return []
     return [
@@ -479,6 +484,7 @@ __all__ = [
     "exceeds_spread",
     "reading",
     "render_markdown",
+    "scored_stage_runs",
     "write_reports",
     "write_stage_plot",
     "write_tradeoff_plot",

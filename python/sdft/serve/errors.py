@@ -5,7 +5,8 @@ matching ``tinker`` status error (``BadRequestError`` for 400, ``NotFoundError``
 whose text carries the message. A request that fails while it runs answers its
 ``retrieve_future`` with ``{"error": message, "category": "user" | "server"}``, which the SDK
 raises as ``tinker.RequestFailedError``. Never 5xx for a bad request: the SDK retries those.
-Every message passes through :func:`sdft.redact.redact`: an exception's text can quote a key.
+Both exits (``app._error`` and ``FutureStore``'s payloads) pass every message through
+:func:`sdft.redact.redact`: an exception's text can quote a key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import tinker
 
 from sdft.models import ModelNotFoundError
-from sdft.redact import redact
 
 
 class ServeError(Exception):
@@ -39,11 +39,10 @@ def status_of(error: BaseException) -> int:
 
 
 def message_of(error: BaseException) -> str:
-    """The error's message for the client, secrets redacted (:mod:`sdft.redact`)."""
     if isinstance(error, (ServeError, tinker.APIStatusError)):
-        return redact(str(error.message))
+        return str(error.message)
     text = str(error)
-    return redact(text) if text else type(error).__name__
+    return text if text else type(error).__name__
 
 
 def category_of(error: BaseException) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdft.redact import redact
 from sdft.serve.errors import category_of, message_of
 
 Encoder = Callable[[Any], "Payload"]
@@ -110,12 +111,17 @@ class FutureStore:
             return Payload(json={"error": "the request was cancelled", "category": "user"})
         error = entry.future.exception()
         if error is not None:
-            return Payload(json={"error": message_of(error), "category": category_of(error)})
+            return Payload(
+                json={"error": redact(message_of(error)), "category": category_of(error)}
+            )
         try:
             return entry.encode(entry.future.result())
         except Exception as exc:  # an encoder bug must not take the server down
             return Payload(
-                json={"error": f"cannot encode the result: {message_of(exc)}", "category": "server"}
+                json={
+                    "error": redact(f"cannot encode the result: {message_of(exc)}"),
+                    "category": "server",
+                }
             )
 
     def cancel(self, request_id: str) -> bool:
