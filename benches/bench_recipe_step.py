@@ -95,6 +95,12 @@ def test_client_cpu_share_of_a_recipe_scale_step(
         topk=20,
         max_steps=ROUNDS + 1,
     )
+    # Every step a full batch of 32 questions: the walkthrough's 50 examples would end the first
+    # epoch with a batch of 18, so the run reads them cycled to 32 × (ROUNDS + 1).
+    examples = Path(config.data.path).read_text().splitlines()
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(examples[i % len(examples)] for i in range(32 * (ROUNDS + 1))) + "\n")
+    config = config.model_copy(update={"data": config.data.model_copy(update={"path": data})})
     service = tinker.ServiceClient(base_url=server.url, api_key=server.key)
     results = asyncio.run(measure(Trainer(config, service, progress=False), ROUNDS))
     lines = [
