@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # links and images alike
 FENCE = re.compile(r"^(```|~~~)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 
@@ -58,7 +58,7 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
     problems = []
     for number, line in prose_lines(path):
         for match in LINK.finditer(re.sub(r"`[^`]*`", "", line)):
-            target = match.group(1) or match.group(2)
+            target = match.group(1)
             if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:, ...
                 continue
             file_part, _, anchor = target.partition("#")

@@ -39,6 +39,7 @@ def status_of(error: BaseException) -> int:
 
 
 def message_of(error: BaseException) -> str:
+    """The error's message for the client, not yet redacted (both exits redact it)."""
     if isinstance(error, (ServeError, tinker.APIStatusError)):
         return str(error.message)
     text = str(error)
